@@ -1,0 +1,24 @@
+"""Optimizers for GPT training: Dion and the collection around it.
+
+Classes are imported on first access (`from optimizers import Dion`), so that importing the package stays cheap and
+an optional dependency of one optimizer never breaks the others.
+"""
+from __future__ import annotations
+
+import importlib
+
+from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer, registered_names
+
+_EXPORTS = {
+    "AdamW": "optimizers.adamw",
+    "Lion": "optimizers.lion",
+    "CompositeOptimizer": "optimizers.composite",
+}
+
+__all__ = ["OPTIMIZERS", "OptimizerContext", "build_optimizer", "registered_names", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'optimizers' has no attribute {name!r}")

@@ -1,0 +1,88 @@
+"""Pure element-wise update functions shared by every optimizer in the project.
+
+AdamW and Lion are used on their own (`optimizers.adamw.AdamW`, `optimizers.lion.Lion`) and as the "scalar"
+algorithm for embeddings, norm gains and the LM head inside matrix optimizers (Dion, Muon, ...). Each function
+updates its tensors in place and takes python scalars for hyper-parameters, so one call can serve a whole list of
+parameters (the foreach path). State tensors may be stored in a lower precision than the parameters (mixed
+precision states); the arithmetic then runs in float32 and is written back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _same_dtype(*lists: list[Tensor]) -> bool:
+    dtype = lists[0][0].dtype
+    return all(t.dtype == dtype for tensors in lists for t in tensors)
+
+
+@torch.no_grad()
+def adamw_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 *, lr: float, beta1: float, beta2: float, weight_decay: float, epsilon: float, step: int) -> None:
+    """AdamW (Loshchilov & Hutter 2019), identical to torch.optim.AdamW (non-amsgrad).
+
+        p <- p (1 - lr wd)
+        m <- beta1 m + (1 - beta1) g;   v <- beta2 v + (1 - beta2) g^2
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+    if not params:
+        return
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    step_size = lr / bias_correction1
+    if _same_dtype(params, grads, exp_avgs, exp_avg_sqs):
+        if weight_decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, epsilon)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, -step_size)
+        return
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        g32, m32, v32 = g.float(), m.float(), v.float()
+        m32.lerp_(g32, 1.0 - beta1)
+        v32.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+        update = m32 / (v32.sqrt() / bias_correction2_sqrt + epsilon)
+        p32 = p.float()
+        if weight_decay != 0.0:
+            p32.mul_(1.0 - lr * weight_decay)
+        p32.add_(update, alpha=-step_size)
+        p.copy_(p32)
+        m.copy_(m32)
+        v.copy_(v32)
+
+
+@torch.no_grad()
+def lion_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                *, lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2).
+
+        u <- sign(beta1 m + (1 - beta1) g)
+        p <- p (1 - lr wd) - lr u
+        m <- beta2 m + (1 - beta2) g
+    """
+    if not params:
+        return
+    if _same_dtype(params, grads, exp_avgs):
+        updates = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_sign_(updates)
+        if weight_decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_add_(params, updates, alpha=-lr)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta2)
+        return
+    for p, g, m in zip(params, grads, exp_avgs):
+        g32, m32 = g.float(), m.float()
+        update = m32.lerp(g32, 1.0 - beta1).sign_()
+        p32 = p.float()
+        if weight_decay != 0.0:
+            p32.mul_(1.0 - lr * weight_decay)
+        p32.add_(update, alpha=-lr)
+        p.copy_(p32)
+        m.copy_(m32.lerp_(g32, 1.0 - beta2))
