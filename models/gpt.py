@@ -1,0 +1,167 @@
+"""GPT as in the Dion paper's experiments (the modded-nanoGPT architecture).
+
+Pre-norm blocks with RMSNorm, rotary position embeddings, QK-norm, causal scaled-dot-product attention, ReLU^2 MLP
+with 4x expansion, no biases, untied token embedding and LM head. No distributed code lives here: tensor
+parallelism only relies on the attention reshapes using the *local* number of heads (`-1` in the view), so a
+column-sharded q/k/v projection just sees fewer heads.
+
+Initialization (chosen for orthonormalized optimizers such as Dion and Muon, whose updates have a fixed spectral
+size regardless of the weight's scale):
+- hidden matrices (q, k, v, MLP input): normal with std 1/sqrt(fan_in), so every layer starts with unit-RMS outputs;
+- the two residual-branch output projections (attention out, MLP out) and the LM head: zero, so every block starts
+  as the identity and the initial loss is exactly ln(vocab_size) (uniform prediction);
+- token embedding: standard normal (the RMSNorm that follows makes the scale irrelevant);
+- norm gains: one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GPT2_VOCAB_SIZE = 50257
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6
+    model_dim: int = 768
+    sequence_length: int = 1024
+
+    def __post_init__(self):
+        for key in ("vocab_size", "n_layer", "n_head", "model_dim", "sequence_length"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be a positive integer, got {getattr(self, key)}")
+        if self.model_dim % self.n_head != 0:
+            raise ValueError(f"model_dim: {self.model_dim} is not divisible by n_head={self.n_head}")
+        if (self.model_dim // self.n_head) % 2 != 0:
+            raise ValueError(f"model_dim / n_head = {self.model_dim // self.n_head} must be even (rotary embedding)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.n_head
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "160m": GPTConfig(vocab_size=50304, n_layer=12, n_head=6, model_dim=768, sequence_length=1024),
+    "tiny": GPTConfig(vocab_size=50304, n_layer=4, n_head=6, model_dim=384, sequence_length=256),
+}
+
+
+def padded_vocab_size(vocab_size: int = GPT2_VOCAB_SIZE, multiple: int = 128) -> int:
+    """Vocabulary rounded up to a multiple of 128 (50257 -> 50304) for efficient matmuls."""
+    return -(-vocab_size // multiple) * multiple
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021) on the last dimension of (batch, seq, heads, head_dim)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq_len = x.size(1)
+        cos, sin = self.cos[:, :seq_len].to(x.dtype), self.sin[:, :seq_len].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d = config.model_dim
+        self.head_dim = config.head_dim
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.q_norm = nn.RMSNorm(config.head_dim)
+        self.k_norm = nn.RMSNorm(config.head_dim)
+        self.rotary = Rotary(config.head_dim, config.sequence_length)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, seq_len, _ = x.shape
+        # -1: the local number of heads (all heads, or heads / tp under tensor parallelism).
+        q = self.q(x).view(batch, seq_len, -1, self.head_dim)
+        k = self.k(x).view(batch, seq_len, -1, self.head_dim)
+        v = self.v(x).view(batch, seq_len, -1, self.head_dim)
+        q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.model_dim, 4 * config.model_dim, bias=False)
+        self.proj = nn.Linear(4 * config.model_dim, config.model_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.model_dim)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.model_dim)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.model_dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.final_norm = nn.RMSNorm(config.model_dim)
+        self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_features))
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.o.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+        nn.init.zeros_(self.lm_head.weight)
+        nn.init.normal_(self.embed.weight, std=1.0)
+
+    def forward(self, inputs: Tensor, targets: Tensor | None = None) -> Tensor:
+        """inputs: (batch, seq) int64 token ids. Returns the mean cross-entropy over all target positions when
+        targets is given, else the logits (batch, seq, vocab) in float32."""
+        x = self.embed(inputs)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.final_norm(x)).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def num_parameters(self, exclude_embedding: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() if exclude_embedding else total
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 x (non-embedding parameters) for the matmuls plus the attention scores
+        (6 x n_layer x seq x d for QK^T and AV, forward and backward, causal mask not discounted)."""
+        c = self.config
+        return 6 * self.num_parameters() + 6 * c.n_layer * c.sequence_length * c.model_dim
