@@ -57,6 +57,7 @@ class OptimizerContext:
     optimizer is element-wise and the user did not pick a scalar optimizer.
     `options` holds the `optimizer_args` mapping of the config (keys specific to one optimizer); use
     `constructor_kwargs` to check them against the constructor and get a clear error for an unknown key.
+    `tokens_per_step` is the global batch in tokens (Sophia's Hessian scaling needs it).
     Meshes are torch DeviceMesh objects or None: `replicate_mesh` (data-parallel replicas whose gradients the
     optimizer may sync itself), `outer_shard_mesh` (FSDP, shards rows), `inner_shard_mesh` (TP, shards columns).
     """
@@ -80,6 +81,7 @@ class OptimizerContext:
     cqr_warmup_steps: int = 150
     rcqr_oversample: float = 1.25
     mixed_precision: bool = False
+    tokens_per_step: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     replicate_mesh: Any = None
     outer_shard_mesh: Any = None
