@@ -1,0 +1,285 @@
+"""Dion (Ahn et al. 2025, "Dion: Distributed Orthonormalized Updates", arXiv 2504.05295) as an optax
+GradientTransformation: the slow, obviously-correct JAX twin of `optimizers.dion_reference.DionReference`.
+
+Every matrix is updated on its own, in a Python loop over the leaves, with the same arithmetic order as the PyTorch
+reference. `optimizers.experimental.dion_optax` is the optimized version (batched, mixed precision, sharded) and is
+tested against this module step by step.
+
+The optimizer is the partition (optax.partition) of three transforms selected by a label per leaf:
+  "dion"   -> scale_by_dion -> add_decayed_weights(weight_decay) -> scale_by_learning_rate(learning_rate)
+  "adamw"  -> optax.adamw(scalar_learning_rate, betas, epsilon, scalar_weight_decay)
+  "lion"   -> optax.lion(scalar_learning_rate, betas, scalar_weight_decay)
+By default 2D leaves are "dion" and every other leaf gets `scalar_algorithm`; `labels` overrides that (for example to
+send the embedding table and the LM head to AdamW).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy.linalg import solve_triangular
+
+QR_METHODS = ("qr", "cqr", "rcqr")
+SCALAR_ALGORITHMS = ("adamw", "lion")
+ALGORITHMS = ("dion", *SCALAR_ALGORITHMS)
+
+# Rows of the rcqr sketch are a multiple of this (the PyTorch reference's choice: full tiles on accelerators).
+SKETCH_ROW_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class DionOptions:
+    """Hyper-parameters shared by the reference and the optimized optax Dion, validated on construction.
+
+    rank_fraction: r / min(m, n), in (0, 1]; r is rounded up to a multiple of rank_multiple_of and capped at
+    min(m, n). mu: momentum decay of the error feedback. betas, epsilon: AdamW/Lion coefficients (epsilon is also the
+    column-norm floor of Dion's Q). power_iters: power-iteration steps per update. qr_method: "qr" (Householder),
+    "cqr" (Cholesky QR; randomized Cholesky QR for the first cqr_warmup_steps steps and whenever the Cholesky factor
+    fails) or "rcqr" (randomized Cholesky QR with a sketch of ceil(rcqr_oversample r / 128) * 128 rows).
+    """
+    rank_fraction: float = 1.0
+    rank_multiple_of: int = 1
+    mu: float = 0.95
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    epsilon: float = 1e-8
+    power_iters: int = 1
+    qr_method: str = "rcqr"
+    cqr_warmup_steps: int = 150
+    rcqr_oversample: float = 1.25
+    scalar_algorithm: str = "adamw"
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(self.betas))
+        checks = [
+            ("rank_fraction", 0.0 < self.rank_fraction <= 1.0, "a float in (0, 1]"),
+            ("rank_multiple_of", isinstance(self.rank_multiple_of, int) and self.rank_multiple_of >= 1,
+             "an integer >= 1"),
+            ("mu", 0.0 <= self.mu < 1.0, "a float in [0, 1)"),
+            ("betas", len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+             "two floats in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0.0, "a float >= 0"),
+            ("epsilon", self.epsilon >= 0.0, "a float >= 0"),
+            ("power_iters", isinstance(self.power_iters, int) and self.power_iters >= 1, "an integer >= 1"),
+            ("qr_method", self.qr_method in QR_METHODS, "one of " + ", ".join(QR_METHODS)),
+            ("cqr_warmup_steps", isinstance(self.cqr_warmup_steps, int) and self.cqr_warmup_steps >= 0,
+             "an integer >= 0"),
+            ("rcqr_oversample", self.rcqr_oversample >= 1.0, "a float >= 1"),
+            ("scalar_algorithm", self.scalar_algorithm in SCALAR_ALGORITHMS,
+             "one of " + ", ".join(SCALAR_ALGORITHMS)),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"dion: {key}={getattr(self, key)!r} is invalid; allowed: {allowed}")
+
+
+def matrix_rank(shape: tuple[int, int], rank_fraction: float, rank_multiple_of: int) -> int:
+    """r = min(ceil(rank_fraction min(m, n) / rank_multiple_of) rank_multiple_of, m, n)."""
+    m, n = shape
+    rank = rank_multiple_of * math.ceil(rank_fraction * min(m, n) / rank_multiple_of)
+    return min(rank, m, n)
+
+
+def q_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
+    """Dion works on the tall orientation of X (m x n): on X^T when m < n. Q spans the short side: min(m, n) x r."""
+    return (min(shape), rank)
+
+
+def initial_q(seed: int, index: int, shape: tuple[int, int], rank: int, dtype) -> jax.Array:
+    """Q_0 ~ N(0, 1), drawn from key(seed) folded with the index of the matrix among the Dion leaves."""
+    key = jax.random.fold_in(jax.random.key(seed), index)
+    return jax.random.normal(key, q_shape(shape, rank), dtype=jnp.float32).astype(dtype)
+
+
+def sketch_rows(rank: int, oversample: float) -> int:
+    """k = ceil(oversample r / 128) 128."""
+    return SKETCH_ROW_MULTIPLE * math.ceil(oversample * rank / SKETCH_ROW_MULTIPLE)
+
+
+def right_solve_upper(P: jax.Array, R: jax.Array) -> jax.Array:
+    """P R^{-1} for upper-triangular R: solves X R = P as R^T X^T = P^T."""
+    return solve_triangular(R, P.T, trans="T", lower=False).T
+
+
+def cholesky_upper(A: jax.Array) -> jax.Array:
+    """Upper-triangular R with A = R^T R (NaN entries when A is not positive definite)."""
+    return jnp.linalg.cholesky(A).T
+
+
+def orthogonalize_qr(P: jax.Array) -> jax.Array:
+    """Householder QR: the thin Q factor of P (m x r, m >= r), float32."""
+    return jnp.linalg.qr(P.astype(jnp.float32))[0]
+
+
+def orthogonalize_rcqr(P: jax.Array, key: jax.Array, oversample: float) -> jax.Array:
+    """Randomized Cholesky QR (Dion paper, Algorithm 2), float32.
+
+        S ~ N(0, 1/k) of shape k x m;  R1 = qr_R(S P);  Q1 = P R1^{-1}
+        R2 = chol(Q1^T Q1);  Q = Q1 R2^{-1}            (one Cholesky QR pass to restore orthonormality)
+    A square P (m == r) takes Householder QR, which is cheaper there.
+    """
+    rows, rank = P.shape
+    if rows <= rank:
+        return orthogonalize_qr(P)
+    k = sketch_rows(rank, oversample)
+    sketch = jax.random.normal(key, (k, rows), dtype=jnp.float32) * math.sqrt(1.0 / k)
+    P32 = P.astype(jnp.float32)
+    R1 = jnp.linalg.qr(sketch @ P32, mode="r")
+    Q1 = right_solve_upper(P32, R1)
+    return right_solve_upper(Q1, cholesky_upper(Q1.T @ Q1))
+
+
+def orthogonalize_cqr(P: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cholesky QR, float32: R = chol(P^T P), Q = P R^{-1}. Returns (Q, ok): ok is False where the factor failed."""
+    P32 = P.astype(jnp.float32)
+    Q = right_solve_upper(P32, cholesky_upper(P32.T @ P32))
+    return Q, jnp.all(jnp.isfinite(Q))
+
+
+def orthogonalize(P: jax.Array, qr_method: str, use_cqr: jax.Array, key: jax.Array, oversample: float) -> jax.Array:
+    """Orthonormal basis of the columns of P (m x r), returned in P's dtype. qr_method "cqr" uses Cholesky QR when
+    `use_cqr` (the warm-up is over) and the factor succeeds, randomized Cholesky QR otherwise."""
+    if qr_method == "qr":
+        Q = orthogonalize_qr(P)
+    elif qr_method == "rcqr":
+        Q = orthogonalize_rcqr(P, key, oversample)
+    else:
+        Q_cqr, ok = orthogonalize_cqr(P)
+        Q = jax.lax.cond(use_cqr & ok, lambda: Q_cqr, lambda: orthogonalize_rcqr(P, key, oversample))
+    return Q.astype(P.dtype)
+
+
+def dion_direction(G: jax.Array, M: jax.Array, Q: jax.Array, key: jax.Array, use_cqr: jax.Array,
+                   options: DionOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Dion step for one matrix X (m x n); returns (direction, new momentum, new Q), all in X's orientation
+    except Q (min(m, n) x r). The caller applies X <- X (1 - lr wd) - lr direction.
+
+    With B the tall orientation of M + G (B = (M + G)^T when m < n) and Q_0 = Q, for each power iteration:
+        P = orth(B Q);  R = B^T P;  Q <- R
+    then
+        M <- M + G - (1 - mu) P R^T              (error feedback, in X's orientation)
+        Q <- R / (||R_col|| + eps)                (column norms in float32)
+        direction = sqrt(m / n) P Q^T             (in X's orientation)
+    A zero or non-finite B keeps Q and gives a zero direction (and M <- M + G).
+    """
+    m, n = G.shape
+    transposed = m < n
+    M = M + G
+    B = M.T if transposed else M
+    Q_in = Q.astype(B.dtype)
+    R = Q_in
+    for _ in range(options.power_iters):
+        P = orthogonalize(B @ R, options.qr_method, use_cqr, key, options.rcqr_oversample)
+        R = B.T @ P
+    usable = jnp.any(B != 0) & jnp.all(jnp.isfinite(B))
+    P = jnp.where(usable, P, jnp.zeros_like(P))
+    R = jnp.where(usable, R, jnp.zeros_like(R))
+    feedback = P @ R.T
+    M = M - (1.0 - options.mu) * (feedback.T if transposed else feedback)
+    R32 = R.astype(jnp.float32)
+    Q_new = (R32 / (jnp.linalg.norm(R32, axis=0, keepdims=True) + options.epsilon)).astype(P.dtype)
+    Q_new = jnp.where(usable, Q_new, Q_in)
+    update = P @ Q_new.T
+    direction = math.sqrt(m / n) * (update.T if transposed else update)
+    return direction.astype(G.dtype), M, Q_new.astype(Q.dtype)
+
+
+class ScaleByDionState(NamedTuple):
+    count: jax.Array  # int32 scalar: steps taken
+    momentum: Any  # pytree like the Dion leaves
+    Q: Any  # pytree: min(m, n) x r per Dion leaf
+
+
+def check_matrices(params) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if leaf.ndim != 2:
+            raise ValueError(f"dion: leaf {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}; the 'dion' label "
+                             f"needs 2D matrices (label it {' or '.join(repr(a) for a in SCALAR_ALGORITHMS)})")
+
+
+def scale_by_dion(options: DionOptions, seed: int = 0) -> optax.GradientTransformation:
+    """The Dion direction sqrt(m/n) P Q^T of every leaf (all 2D). State: step count, momentum, Q.
+
+    The rcqr sketch of leaf i at step t is drawn from key(seed) folded with (t, i): deterministic, and identical on
+    every device.
+    """
+
+    def init(params):
+        check_matrices(params)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        momentum = [jnp.zeros_like(x) for x in leaves]
+        Q = [initial_q(seed, i, x.shape, matrix_rank(x.shape, options.rank_fraction, options.rank_multiple_of),
+                       x.dtype) for i, x in enumerate(leaves)]
+        return ScaleByDionState(jnp.zeros([], jnp.int32), jax.tree_util.tree_unflatten(treedef, momentum),
+                                jax.tree_util.tree_unflatten(treedef, Q))
+
+    def update(updates, state, params=None):
+        del params
+        step = state.count + 1
+        use_cqr = step > options.cqr_warmup_steps
+        step_key = jax.random.fold_in(jax.random.key(seed), step)
+        grads, treedef = jax.tree_util.tree_flatten(updates)
+        momentum = treedef.flatten_up_to(state.momentum)
+        Q = treedef.flatten_up_to(state.Q)
+        results = [dion_direction(g, m, q, jax.random.fold_in(step_key, i), use_cqr, options)
+                   for i, (g, m, q) in enumerate(zip(grads, momentum, Q))]
+        directions, momentum, Q = ([r[j] for r in results] for j in range(3))
+        unflatten = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
+        return unflatten(directions), ScaleByDionState(step, unflatten(momentum), unflatten(Q))
+
+    return optax.GradientTransformation(init, update)
+
+
+def default_labels(params, scalar_algorithm: str):
+    """"dion" for 2D leaves, scalar_algorithm for every other leaf."""
+    return jax.tree_util.tree_map(lambda x: "dion" if jnp.ndim(x) == 2 else scalar_algorithm, params)
+
+
+def resolve_labels(labels, scalar_algorithm: str) -> Callable:
+    """A function params -> labels (optax.partition's param_labels) that checks every label is known."""
+
+    def checked(tree):
+        for path, label in jax.tree_util.tree_leaves_with_path(tree):
+            if label not in ALGORITHMS:
+                raise ValueError(f"dion: labels{jax.tree_util.keystr(path)}={label!r} is invalid; "
+                                 f"allowed: {', '.join(ALGORITHMS)}")
+        return tree
+
+    if labels is None:
+        return lambda params: checked(default_labels(params, scalar_algorithm))
+    if callable(labels):
+        return lambda params: checked(labels(params))
+    checked(labels)
+    return lambda params: labels
+
+
+def dion(learning_rate: float | optax.Schedule, *, rank_fraction: float = 1.0, rank_multiple_of: int = 1,
+         qr_method: str = "rcqr", mu: float = 0.95, betas: tuple[float, float] = (0.9, 0.95),
+         weight_decay: float = 0.01, epsilon: float = 1e-8, power_iters: int = 1, cqr_warmup_steps: int = 150,
+         rcqr_oversample: float = 1.25, scalar_algorithm: str = "adamw",
+         scalar_learning_rate: float | optax.Schedule | None = None, scalar_weight_decay: float | None = None,
+         labels=None, seed: int = 0) -> optax.GradientTransformation:
+    """Dion on the 2D leaves, AdamW or Lion (`scalar_algorithm`) on the rest; see the module docstring.
+
+    learning_rate (a float or an optax schedule of the step count) scales the Dion update; the scalar algorithm uses
+    scalar_learning_rate and scalar_weight_decay (default: the Dion ones). labels: a pytree (or a function of the
+    params returning one) of "dion" / "adamw" / "lion" per leaf, as optax.partition takes.
+    """
+    options = DionOptions(rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, mu=mu, betas=betas,
+                          weight_decay=weight_decay, epsilon=epsilon, power_iters=power_iters, qr_method=qr_method,
+                          cqr_warmup_steps=cqr_warmup_steps, rcqr_oversample=rcqr_oversample,
+                          scalar_algorithm=scalar_algorithm)
+    scalar_lr = learning_rate if scalar_learning_rate is None else scalar_learning_rate
+    scalar_wd = weight_decay if scalar_weight_decay is None else scalar_weight_decay
+    beta1, beta2 = options.betas
+    transforms = {
+        "dion": optax.chain(scale_by_dion(options, seed), optax.add_decayed_weights(weight_decay),
+                            optax.scale_by_learning_rate(learning_rate)),
+        "adamw": optax.adamw(scalar_lr, b1=beta1, b2=beta2, eps=epsilon, weight_decay=scalar_wd),
+        "lion": optax.lion(scalar_lr, b1=beta1, b2=beta2, weight_decay=scalar_wd),
+    }
+    return optax.partition(transforms, resolve_labels(labels, scalar_algorithm))
