@@ -13,6 +13,8 @@ _EXPORTS = {
     "AdamW": "optimizers.adamw",
     "Lion": "optimizers.lion",
     "CompositeOptimizer": "optimizers.composite",
+    "DistributedShampoo": "optimizers.shampoo",
+    "GraftingType": "optimizers.shampoo",
 }
 
 __all__ = ["OPTIMIZERS", "OptimizerContext", "build_optimizer", "registered_names", *_EXPORTS]

@@ -33,6 +33,7 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("optimizers.adamw:build", supports_tensor_parallel=True, elementwise=True),
     "lion": OptimizerSpec("optimizers.lion:build", supports_tensor_parallel=True, elementwise=True),
+    "shampoo": OptimizerSpec("optimizers.shampoo:build"),
 }
 
 SCALAR_OPTIMIZERS = ("adamw", "lion")
