@@ -15,6 +15,7 @@ _EXPORTS = {
     "CompositeOptimizer": "optimizers.composite",
     "DistributedShampoo": "optimizers.shampoo",
     "GraftingType": "optimizers.shampoo",
+    "Muon": "optimizers.muon",
 }
 
 __all__ = ["OPTIMIZERS", "OptimizerContext", "build_optimizer", "registered_names", *_EXPORTS]

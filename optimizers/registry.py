@@ -34,6 +34,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("optimizers.adamw:build", supports_tensor_parallel=True, elementwise=True),
     "lion": OptimizerSpec("optimizers.lion:build", supports_tensor_parallel=True, elementwise=True),
     "shampoo": OptimizerSpec("optimizers.shampoo:build"),
+    "muon": OptimizerSpec("optimizers.muon:build"),
 }
 
 SCALAR_OPTIMIZERS = ("adamw", "lion")
