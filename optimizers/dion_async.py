@@ -1,0 +1,35 @@
+"""Dion with divided orthonormalization and overlapped communication (`--optimizer dion_async`).
+
+Drop-in for `optimizers.dion.Dion` (same constructor, same results up to floating-point summation order), for
+arXiv 2504.05295, Algorithm 1 at scale:
+- Batches: same-shape matrices are stacked as in `Dion`, in batches whose size is a multiple of the number of ranks
+  that share each P.
+- Divided orthonormalization: where every rank of a group would hold the same P after its all-reduce (the column
+  shards of an FSDP/TP matrix, or the replicas of a compressed data-parallel sync), P is reduce-scattered instead,
+  each rank orthonormalizes its share of the stack, and an all-gather returns the results: the same traffic as the
+  all-reduce, and 1/world of the QR work per rank.
+- Overlap: several batches are in flight at once (`max_batches_in_flight`); every collective is asynchronous, and while
+  one batch waits for its P or R another one computes (`optimizers.dion_distributed.run_overlapped`).
+"""
+from __future__ import annotations
+
+from torch.optim import Optimizer
+
+from optimizers.dion import Dion
+from optimizers.dion_core import MatrixTask, build_dion
+from optimizers.dion_distributed import run_overlapped
+
+
+class DionAsync(Dion):
+    """`Dion` with the orthonormalization divided among the ranks that share a P, and batches overlapped."""
+
+    batch_size = 8
+    divide_orthonormalization = True
+    max_batches_in_flight = 3
+
+    def _update_matrices(self, tasks: list[MatrixTask]) -> None:
+        run_overlapped((self._batch_update(batch) for batch in self._batches(tasks)), self.max_batches_in_flight)
+
+
+def build(ctx) -> Optimizer:
+    return build_dion(DionAsync, ctx)

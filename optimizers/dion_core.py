@@ -1,0 +1,431 @@
+"""What the three Dion optimizers share: options, state, scalar algorithms, orthonormalization, the registry builder.
+
+`DionReference` (optimizers/dion_reference.py), `Dion` (optimizers/dion.py) and `DionAsync`
+(optimizers/dion_async.py) differ only in how they run the matrix update of Algorithm 1 (one matrix at a time, in
+same-shape batches, or in batches whose communication overlaps); everything else lives here once:
+- the constructor (one signature for all three) and the per-group options, validated with clear errors;
+- the optimizer state: `momentum` (X's shape and sharding) and `Q` (n x r, or m x r when Dion works on X^T; rows
+  sharded like the matching dimension of X), created on the first step unless a caller put them in `state` already;
+- the scalar algorithms (AdamW / Lion from `optimizers.scalar_updates`) for groups with `algorithm` "adamw"/"lion",
+  including their data-parallel gradient average when the optimizer owns the replica sync;
+- `orthonormalize`, the distributed QR step used by all three.
+
+Random numbers are reproducible and identical on every rank: matrix i (its position in the param groups) starts from
+Q_0 drawn with seed i, and its rcqr sketch at step t is drawn with seed (t << 20) + i. A sharded Q is the local slice
+of that full matrix, so every layout starts from the same Q as a single process.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
+                                         as_like, group_size, local_tensor, matrix_layout, process_group, q_placements,
+                                         run_blocking)
+from optimizers.dion_math import (cholesky_upper, gaussian_sketch, gram, householder_orthonormalize, initial_q,
+                                  low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
+                                  solve_right_upper)
+from optimizers.scalar_updates import adamw_update, lion_update
+
+_SKETCH_STEP_SHIFT = 20  # sketch seed = (step << 20) + matrix index: distinct for up to 2^20 matrices
+
+
+class Algorithm(str, Enum):
+    DION = "dion"
+    LION = "lion"
+    ADAMW = "adamw"
+
+
+class QRMethod(str, Enum):
+    """How P is orthonormalized (see optimizers/dion_math.py). The Cholesky-based methods fall back when the factor
+    fails or is ill-conditioned: "cqr" to "rcqr", "rcqr" to "qr"."""
+    QR = "qr"
+    CQR = "cqr"
+    RCQR = "rcqr"
+
+
+def _choice(enum_cls: type[Enum], key: str, value: Any) -> Enum:
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(e.value for e in enum_cls)
+        raise ValueError(f"dion: {key}={value!r} is invalid; allowed: {allowed}") from None
+
+
+def _dtype(key: str, value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        dtype = value
+    elif isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        dtype = getattr(torch, value)
+    else:
+        raise ValueError(f"dion: mixed_precision_config.{key}={value!r} is invalid; allowed: None or a floating "
+                         f"dtype such as torch.bfloat16 / 'bfloat16'")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dion: mixed_precision_config.{key}={value!r} is not a floating dtype")
+    return dtype
+
+
+@dataclass(frozen=True)
+class DionMixedPrecisionConfig:
+    """dtypes of the optimizer states (None: the parameter's dtype). momentum_dtype: Dion's M and the scalar
+    algorithms' first moment; Q_dtype: Dion's Q; variance_dtype: AdamW's second moment. The power iteration runs in
+    the momentum dtype; orthonormalization, column norms and the scalar updates run in float32."""
+    momentum_dtype: torch.dtype | None = None
+    Q_dtype: torch.dtype | None = None
+    variance_dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        for key in ("momentum_dtype", "Q_dtype", "variance_dtype"):
+            object.__setattr__(self, key, _dtype(key, getattr(self, key)))
+
+    @classmethod
+    def coerce(cls, value: DionMixedPrecisionConfig | Mapping[str, Any] | None) -> DionMixedPrecisionConfig:
+        """Accepts the dataclass, a mapping of its fields (dtype names allowed, as in a YAML config) or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"momentum_dtype", "Q_dtype", "variance_dtype"})
+            if unknown:
+                raise ValueError(f"dion: mixed_precision_config: unknown key(s) {', '.join(unknown)}; allowed: "
+                                 f"momentum_dtype, Q_dtype, variance_dtype")
+            return cls(**value)
+        raise ValueError(f"dion: mixed_precision_config must be a DionMixedPrecisionConfig, a mapping or None, got "
+                         f"{type(value).__name__}")
+
+
+def _check_group_options(group: dict) -> None:
+    betas = group["betas"]
+    checks = [
+        ("lr", group["lr"] >= 0.0, "a float >= 0"),
+        ("mu", 0.0 <= group["mu"] <= 1.0, "a float in [0, 1]"),
+        ("betas", len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "two floats in [0, 1)"),
+        ("weight_decay", group["weight_decay"] >= 0.0, "a float >= 0"),
+        ("epsilon", group["epsilon"] >= 0.0, "a float >= 0"),
+        ("rank_fraction", 0.0 < group["rank_fraction"] <= 1.0, "a float in (0, 1]"),
+        ("rank_multiple_of", isinstance(group["rank_multiple_of"], int) and group["rank_multiple_of"] >= 1,
+         "an integer >= 1"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"dion: {key}={group[key]!r} is invalid; allowed: {allowed}")
+
+
+@dataclass
+class MatrixTask:
+    """One Dion matrix for one step: local shards (views of the parameter and its states) plus its options."""
+    index: int
+    param: Tensor
+    grad: Tensor
+    momentum: Tensor
+    Q: Tensor
+    layout: MatrixLayout
+    lr: float
+    mu: float
+    weight_decay: float
+    epsilon: float
+    qr_method: QRMethod
+    compressed: bool
+    step: int
+
+    @property
+    def sketch_seed(self) -> int:
+        return (self.step << _SKETCH_STEP_SHIFT) + self.index
+
+    def batch_key(self) -> tuple:
+        """Matrices with equal keys are updated together (same shapes, sharding, dtypes and options)."""
+        layout = self.layout
+        return (layout.shape, layout.transposed, layout.row_group, layout.column_group, tuple(self.param.shape),
+                tuple(self.Q.shape), self.param.dtype, self.grad.dtype, self.momentum.dtype, self.Q.dtype, self.lr,
+                self.mu, self.weight_decay, self.epsilon, self.qr_method, self.compressed)
+
+
+def _mark_invalid(P: Tensor, valid: Tensor) -> Tensor:
+    """NaN for the matrices of the stack that could not be orthonormalized; the callers test finiteness."""
+    return torch.where(valid[:, None, None], P, torch.nan)
+
+
+def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_seeds: list[int | None],
+                   oversample: float) -> Collectives:
+    """Orthonormal columns spanning P's (Algorithm 1, line "P_t = Orthogonalize(B_t Q_{t-1})").
+
+    P: (b, local rows, r), already summed over the column shards and replicas; its rows may be sharded over
+    layout.row_group. Returns float32 (b, local rows, r) whose columns are orthonormal over all row shards, with NaN
+    where a matrix of the stack is zero or non-finite. sketch_seeds: one seed per matrix for rcqr (None: a zero
+    sketch, for padding matrices)."""
+    rows, _ = layout.algorithm_shape
+    rank = P.shape[-1]
+    start, length, _ = layout.rows
+    P32 = P.float()
+    if qr_method is QRMethod.CQR:
+        G = gram(P32)
+        yield all_reduce(G, layout.row_group)
+        valid = nonzero_and_finite(G)
+        R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
+        if bool((usable | ~valid).all()):
+            return _mark_invalid(solve_right_upper(P32, R), valid)
+        qr_method = QRMethod.RCQR
+    if qr_method is QRMethod.RCQR and rows > rank:
+        k = sketch_rows(rank, oversample)
+        sketches = [P32.new_zeros((k, length)) if seed is None else
+                    gaussian_sketch(k, rows, seed, P.device)[:, start:start + length] for seed in sketch_seeds]
+        SP = torch.stack(sketches) @ P32
+        yield all_reduce(SP, layout.row_group)
+        valid = nonzero_and_finite(SP)
+        P1 = solve_right_upper(P32, sketch_triangular_factor(torch.where(valid[:, None, None], SP, 0.0)))
+        G = gram(P1)
+        yield all_reduce(G, layout.row_group)
+        R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
+        if bool((usable | ~valid).all()):
+            return _mark_invalid(solve_right_upper(P1, R), valid)
+    full = yield from all_gather_rows(P32, layout.row_group, layout.rows, rows)
+    valid = nonzero_and_finite(full)
+    Q = householder_orthonormalize(torch.where(valid[:, None, None], full, 0.0))
+    return _mark_invalid(Q[:, start:start + length], valid)
+
+
+class DionBase(Optimizer, abc.ABC):
+    """Dion (arXiv 2504.05295, Algorithm 1) for the 2D matrices of `algorithm` = "dion" groups, AdamW or Lion for
+    "adamw" / "lion" groups. Subclasses implement `_update_matrices`.
+
+    Per-group options: lr, mu, betas, weight_decay, epsilon, rank_fraction, rank_multiple_of, algorithm.
+    Optimizer-wide: power_iters, qr_method ("qr", "cqr", "rcqr"), cqr_warmup_steps (steps that use rcqr before
+    "cqr" takes over), rcqr_oversample, the meshes and mixed_precision_config.
+
+    Meshes: replicate_mesh (data-parallel replicas; 1-D DeviceMesh or ProcessGroup), outer_shard_mesh (FSDP2) and
+    inner_shard_mesh (TP), 1-D DeviceMeshes (flattened meshes included). With replicate_mesh_grad_sync=True the
+    gradients arrive un-averaged over replicate_mesh and the optimizer averages them itself: the low-rank P and R of
+    a Dion matrix when (m + n) r < m n (the momenta of the replicas then differ, but their mean is the momentum of
+    synchronized training, and every replica applies the same update), the full gradient otherwise and for the
+    scalar algorithms. Call `synchronize_for_checkpoint()` before saving so that every replica holds the same state.
+    """
+
+    def __init__(self, params, lr: float = 0.01, mu: float = 0.95, betas: tuple[float, float] = (0.9, 0.95),
+                 weight_decay: float = 0.01, epsilon: float = 1e-8, rank_fraction: float = 1.0,
+                 rank_multiple_of: int = 1, power_iters: int = 1, qr_method: str = "rcqr",
+                 cqr_warmup_steps: int = 150, rcqr_oversample: float = 1.25, replicate_mesh=None,
+                 outer_shard_mesh=None, inner_shard_mesh=None, replicate_mesh_grad_sync: bool = True,
+                 mixed_precision_config: DionMixedPrecisionConfig | Mapping[str, Any] | None = None):
+        if not (isinstance(power_iters, int) and power_iters >= 1):
+            raise ValueError(f"dion: power_iters={power_iters!r} is invalid; allowed: an integer >= 1")
+        if not (isinstance(cqr_warmup_steps, int) and cqr_warmup_steps >= 0):
+            raise ValueError(f"dion: cqr_warmup_steps={cqr_warmup_steps!r} is invalid; allowed: an integer >= 0")
+        if not rcqr_oversample >= 1.0:
+            raise ValueError(f"dion: rcqr_oversample={rcqr_oversample!r} is invalid; allowed: a float >= 1")
+        self._power_iters = power_iters
+        self._qr_method = _choice(QRMethod, "qr_method", qr_method)
+        self._cqr_warmup_steps = cqr_warmup_steps
+        self._rcqr_oversample = float(rcqr_oversample)
+        self._mixed_precision = DionMixedPrecisionConfig.coerce(mixed_precision_config)
+        replicate_group = process_group(replicate_mesh, "replicate_mesh")
+        self._replicate_group = replicate_group if replicate_mesh_grad_sync else None
+        self._outer_group = process_group(outer_shard_mesh, "outer_shard_mesh")
+        self._inner_group = process_group(inner_shard_mesh, "inner_shard_mesh")
+        # Derived from the parameters and meshes, never checkpointed: recomputed after a reshard.
+        self._index: dict[Tensor, int] = {}
+        self._layouts: dict[Tensor, MatrixLayout] = {}
+        self._checked_state: set[Tensor] = set()
+        defaults = dict(lr=lr, mu=mu, betas=tuple(betas), weight_decay=weight_decay, epsilon=epsilon,
+                        rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, algorithm=Algorithm.DION.value,
+                        step=0)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["betas"] = tuple(group["betas"])
+        group["algorithm"] = _choice(Algorithm, "algorithm", group["algorithm"]).value
+        _check_group_options(group)
+        for p in group["params"]:
+            if group["algorithm"] == Algorithm.DION.value and p.dim() != 2:
+                raise ValueError(f"dion: a parameter of shape {tuple(p.shape)} is in an algorithm='dion' group, which "
+                                 f"takes 2D matrices only; put it in a group with algorithm 'lion' or 'adamw'")
+            self._index[p] = len(self._index)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        matrix_tasks: list[MatrixTask] = []
+        scalar_groups: list[tuple[dict, list[Tensor]]] = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            group["step"] += 1
+            if group["algorithm"] == Algorithm.DION.value:
+                matrix_tasks.extend(self._matrix_task(p, group) for p in params)
+            else:
+                scalar_groups.append((group, params))
+        # The scalar gradients' average runs in the background while the matrices are updated.
+        scalar_grads = self._scalar_gradients([p for _, params in scalar_groups for p in params])
+        if matrix_tasks:
+            self._update_matrices(matrix_tasks)
+        grads = iter(scalar_grads())
+        for group, params in scalar_groups:
+            self._scalar_update(group, params, [next(grads) for _ in params])
+        return loss
+
+    @abc.abstractmethod
+    def _update_matrices(self, tasks: list[MatrixTask]) -> None:
+        """Apply Algorithm 1 to every task's matrix (in place on param, momentum and Q)."""
+
+    # ----------------------------------------------------------------------------------------------------- state
+    def _state_dtype(self, key: str, param: Tensor) -> torch.dtype:
+        configured = {"momentum": self._mixed_precision.momentum_dtype, "Q": self._mixed_precision.Q_dtype,
+                      "variance": self._mixed_precision.variance_dtype}[key]
+        return configured or param.dtype
+
+    def _adopt(self, param: Tensor, value: Tensor, shape: tuple[int, ...], key: str, local_slices: tuple,
+               placements: tuple | None) -> Tensor:
+        """A state tensor that a caller provided (or a checkpoint restored): checked against the expected global
+        shape, cast to the configured dtype, and turned into a DTensor shard when the parameter is a DTensor."""
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"dion: state[{key!r}] of a parameter of shape {tuple(param.shape)} has shape "
+                             f"{tuple(value.shape)}; expected {tuple(shape)}")
+        value = value.to(dtype=self._state_dtype(key, param))
+        if isinstance(param, DTensor) and not isinstance(value, DTensor):
+            value = as_like(value[local_slices].clone(), param, shape, placements)
+        return value
+
+    def _matrix_state(self, p: Tensor, group: dict, layout: MatrixLayout) -> dict:
+        state = self.state[p]
+        if p in self._checked_state:
+            return state
+        rows, columns = layout.algorithm_shape
+        rank = low_rank_dim(rows, columns, group["rank_fraction"], group["rank_multiple_of"])
+        column_start, column_length = layout.columns
+        q_slices = (slice(column_start, column_start + column_length), slice(None))
+        placements = q_placements(p, layout) if isinstance(p, DTensor) else None
+        if "momentum" in state:
+            state["momentum"] = self._adopt(p, state["momentum"], tuple(p.shape), "momentum", layout.x_slices, None)
+        else:
+            state["momentum"] = torch.zeros_like(p, dtype=self._state_dtype("momentum", p))
+        if "Q" in state:
+            state["Q"] = self._adopt(p, state["Q"], (columns, rank), "Q", q_slices, placements)
+        else:
+            full = initial_q(columns, rank, seed=self._index[p], device=local_tensor(p).device)
+            state["Q"] = as_like(full[q_slices].to(self._state_dtype("Q", p)), p, (columns, rank), placements)
+        self._checked_state.add(p)
+        return state
+
+    def _layout(self, p: Tensor) -> MatrixLayout:
+        if p not in self._layouts:
+            self._layouts[p] = matrix_layout(p, self._outer_group, self._inner_group)
+        return self._layouts[p]
+
+    def _matrix_task(self, p: Tensor, group: dict) -> MatrixTask:
+        layout = self._layout(p)
+        state = self._matrix_state(p, group, layout)
+        grad = p.grad
+        if isinstance(grad, DTensor) and grad.placements != p.placements:
+            grad = grad.redistribute(p.device_mesh, p.placements)
+        qr_method = self._qr_method
+        if qr_method is QRMethod.CQR and group["step"] <= self._cqr_warmup_steps:
+            qr_method = QRMethod.RCQR  # Cholesky QR only once the momentum is well-conditioned
+        rank = state["Q"].shape[1]
+        return MatrixTask(index=self._index[p], param=local_tensor(p), grad=local_tensor(grad),
+                          momentum=local_tensor(state["momentum"]), Q=local_tensor(state["Q"]), layout=layout,
+                          lr=group["lr"], mu=group["mu"], weight_decay=group["weight_decay"],
+                          epsilon=group["epsilon"], qr_method=qr_method,
+                          compressed=layout.compressed(self._replicate_group, rank), step=group["step"])
+
+    # ------------------------------------------------------------------------------------------ scalar algorithms
+    def _scalar_gradients(self, params: list[Tensor]) -> Callable[[], list[Tensor]]:
+        """Start averaging the scalar-algorithm gradients over the replicas (when the optimizer owns that sync: one
+        all-reduce per dtype over a flat buffer); the returned function waits and gives the local gradients."""
+        grads = [local_tensor(p.grad) for p in params]
+        if self._replicate_group is None or not grads:
+            return lambda: grads
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        flats = {dtype: torch.cat([grads[i].reshape(-1) for i in indices]) for dtype, indices in by_dtype.items()}
+        works = [all_reduce(flat, self._replicate_group) for flat in flats.values()]
+
+        def finish() -> list[Tensor]:
+            for work in works:
+                work.wait()
+            size = group_size(self._replicate_group)
+            synced = list(grads)
+            for dtype, indices in by_dtype.items():
+                pieces = flats[dtype].div_(size).split([grads[i].numel() for i in indices])
+                for i, piece in zip(indices, pieces):
+                    synced[i] = piece.view_as(grads[i])
+            return synced
+        return finish
+
+    def _scalar_update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        adamw = group["algorithm"] == Algorithm.ADAMW.value
+        for p in params:
+            state = self.state[p]
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(p, dtype=self._state_dtype("momentum", p))
+                if adamw:
+                    state["variance"] = torch.zeros_like(p, dtype=self._state_dtype("variance", p))
+        locals_ = [local_tensor(p) for p in params]
+        momenta = [local_tensor(self.state[p]["momentum"]) for p in params]
+        beta1, beta2 = group["betas"]
+        if adamw:
+            variances = [local_tensor(self.state[p]["variance"]) for p in params]
+            adamw_update(locals_, grads, momenta, variances, lr=group["lr"], beta1=beta1, beta2=beta2,
+                         weight_decay=group["weight_decay"], epsilon=group["epsilon"], step=group["step"])
+        else:
+            lion_update(locals_, grads, momenta, lr=group["lr"], beta1=beta1, beta2=beta2,
+                        weight_decay=group["weight_decay"])
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    @torch.no_grad()
+    def synchronize_for_checkpoint(self) -> None:
+        """Average the Dion momenta over the replicas (they differ after compressed P/R syncs; their mean is the
+        momentum of synchronized training), so that every replica saves, and continues from, the same state."""
+        tensors = []
+        for group in self.param_groups:
+            if group["algorithm"] != Algorithm.DION.value:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and self._layout(p).compressed(self._replicate_group, state["Q"].shape[1]):
+                    tensors.append(local_tensor(state["momentum"]))
+        for dtype in {t.dtype for t in tensors}:
+            same = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in same])
+            run_blocking(all_reduce_mean(flat, self._replicate_group))
+            for t, piece in zip(same, flat.split([t.numel() for t in same])):
+                t.copy_(piece.view_as(t))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating-point states to the parameter's dtype; restore the configured state dtypes, and
+        # re-check the loaded states (shapes, sharding) on the next step.
+        self._checked_state.clear()
+        for p, state in self.state.items():
+            for key in ("momentum", "Q", "variance"):
+                if key in state:
+                    state[key] = state[key].to(self._state_dtype(key, p))
+
+
+def build_dion(cls: type[DionBase], ctx) -> DionBase:
+    """Registry builder shared by the three classes: Dion on ctx.matrix_params, the scalar algorithm (ctx.scalar_opt)
+    on embeddings, norm gains and the LM head; bf16 momentum and Q (float32 variance) when ctx.mixed_precision."""
+    mixed_precision = (DionMixedPrecisionConfig(momentum_dtype=torch.bfloat16, Q_dtype=torch.bfloat16,
+                                                variance_dtype=torch.float32) if ctx.mixed_precision else None)
+    kwargs = ctx.constructor_kwargs(
+        cls, lr=ctx.lr, mu=ctx.mu, betas=ctx.betas, weight_decay=ctx.weight_decay, epsilon=ctx.epsilon,
+        rank_fraction=ctx.rank_fraction, rank_multiple_of=ctx.rank_multiple_of, power_iters=ctx.power_iters,
+        qr_method=ctx.qr_method, cqr_warmup_steps=ctx.cqr_warmup_steps, rcqr_oversample=ctx.rcqr_oversample,
+        replicate_mesh=ctx.replicate_mesh, outer_shard_mesh=ctx.outer_shard_mesh,
+        inner_shard_mesh=ctx.inner_shard_mesh, replicate_mesh_grad_sync=ctx.replicate_mesh_grad_sync,
+        mixed_precision_config=mixed_precision)
+    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups()
+    return cls([g for g in groups if g["params"]], **kwargs)

@@ -1,0 +1,115 @@
+"""Pure tensor math of Dion (Ahn et al. 2025, "Dion: Distributed Orthonormalized Updates", arXiv 2504.05295).
+
+Every function works on one matrix (m x r) or a stack of them (b x m x r) and has no distributed code: the
+optimizers in `dion_reference`, `dion` and `dion_async` call these pieces between their collectives. Where a
+quantity is a sum over the rows of a row-sharded matrix (a Gram matrix P^T P, a sketch S P, column norms), the
+function returns the local partial sum and the caller all-reduces it before the next piece.
+
+Orthonormalization: the three QR methods return the same matrix, the thin Q factor of P whose triangular factor has a
+positive diagonal (unique for full-rank P), so they are interchangeable and comparable in tests:
+- "qr": Householder QR, signs of the columns fixed so that diag(R) > 0.
+- "cqr": Cholesky QR, R = chol(P^T P), Q = P R^{-1}. Fast, but loses orthogonality as cond(P)^2 grows.
+- "rcqr": randomized Cholesky QR (the paper's Algorithm 2): R1 from a Householder QR of the sketch S P (S Gaussian,
+  k x m with k ~ oversample r), P1 = P R1^{-1}, then one Cholesky QR pass on P1. Stable up to cond(P) ~ 1/eps.
+All of them run in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Rows of the rcqr sketch are a multiple of this (full tiles on accelerators; the reference implementation's choice).
+SKETCH_ROW_MULTIPLE = 128
+# A Cholesky-based factor whose smallest diagonal entry is below this fraction of its largest describes a numerically
+# rank-deficient P (cond(P) > 1e3): Cholesky QR would return columns far from orthonormal, so the caller falls back.
+CHOLESKY_MIN_DIAGONAL_RATIO = 1e-3
+
+
+def low_rank_dim(m: int, n: int, rank_fraction: float, rank_multiple_of: int) -> int:
+    """r = min(ceil(rank_fraction min(m, n) / rank_multiple_of) rank_multiple_of, m, n).
+
+    The product is rounded to 6 decimals first so that e.g. 0.3 * 10 counts as 3, not 4."""
+    rank = rank_multiple_of * math.ceil(round(rank_fraction * min(m, n), 6) / rank_multiple_of)
+    return min(rank, m, n)
+
+
+def sketch_rows(rank: int, oversample: float) -> int:
+    """k = ceil(oversample r / 128) 128."""
+    return SKETCH_ROW_MULTIPLE * math.ceil(oversample * rank / SKETCH_ROW_MULTIPLE)
+
+
+def gaussian_sketch(rows: int, columns: int, seed: int, device: torch.device) -> Tensor:
+    """S ~ N(0, 1/k), k x m (k = rows), float32, drawn from a generator seeded with `seed` on `device`."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    sketch = torch.randn((rows, columns), generator=generator, device=device, dtype=torch.float32)
+    return sketch.mul_(1.0 / math.sqrt(rows))
+
+
+def initial_q(rows: int, rank: int, seed: int, device: torch.device) -> Tensor:
+    """Q_0 ~ N(0, 1), rows x r, float32, from a generator seeded with `seed` (identical on every rank)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.randn((rows, rank), generator=generator, device=device, dtype=torch.float32)
+
+
+def gram(P: Tensor) -> Tensor:
+    """P^T P in float32, (..., r, r): a sum over the rows of P (all-reduce it when the rows are sharded)."""
+    P32 = P.float()
+    return P32.mT @ P32
+
+
+def nonzero_and_finite(T: Tensor) -> Tensor:
+    """Per matrix of a stack (..., a, b): True when every entry is finite and at least one is non-zero. Applied to
+    P, S P or P^T P it tells whether B Q (hence B) can be orthonormalized."""
+    flat = T.flatten(-2)
+    return torch.isfinite(flat).all(-1) & (flat != 0).any(-1)
+
+
+def positive_diagonal_signs(R: Tensor) -> Tensor:
+    """sign(diag(R)) with sign(0) = +1, (..., r)."""
+    diagonal = R.diagonal(dim1=-2, dim2=-1)
+    return torch.where(diagonal < 0, -1.0, 1.0).to(R.dtype)
+
+
+def householder_orthonormalize(P: Tensor) -> Tensor:
+    """Q of P = Q R (Householder) with diag(R) >= 0: Q <- Q diag(sign(diag(R))). float32, (..., m, r), m >= r."""
+    Q, R = torch.linalg.qr(P.float())
+    return Q * positive_diagonal_signs(R).unsqueeze(-2)
+
+
+def sketch_triangular_factor(SP: Tensor) -> Tensor:
+    """R1 of S P = Q1 R1 (Householder) with diag(R1) >= 0: R1 <- diag(sign(diag(R1))) R1. float32, (..., r, r)."""
+    R = torch.linalg.qr(SP.float(), mode="r").R
+    return R * positive_diagonal_signs(R).unsqueeze(-1)
+
+
+def cholesky_upper(G: Tensor) -> tuple[Tensor, Tensor]:
+    """Upper-triangular R with G = R^T R, and per matrix whether R is usable: the factorization succeeded and
+    min diag(R) >= CHOLESKY_MIN_DIAGONAL_RATIO max diag(R) (see the constant). (..., r, r), (...)."""
+    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    diagonal = R.diagonal(dim1=-2, dim2=-1)
+    well_conditioned = diagonal.amin(-1) >= CHOLESKY_MIN_DIAGONAL_RATIO * diagonal.amax(-1)
+    return R, (info == 0) & torch.isfinite(diagonal).all(-1) & well_conditioned
+
+
+def solve_right_upper(P: Tensor, R: Tensor) -> Tensor:
+    """P R^{-1} for upper-triangular R, (..., m, r)."""
+    return torch.linalg.solve_triangular(R, P, upper=True, left=False)
+
+
+def column_sq_norms(R: Tensor) -> Tensor:
+    """sum_i R_ij^2 per column in float32, (..., r): a sum over rows (all-reduce it when the rows are sharded)."""
+    return R.float().square().sum(-2)
+
+
+def column_normalize(R: Tensor, sq_norms: Tensor, epsilon: float) -> Tensor:
+    """Q = R / (||R_:j|| + eps) column by column, float32 (Algorithm 1: Q_t = ColumnNormalize(R_t))."""
+    return R.float() / (sq_norms.sqrt().unsqueeze(-2) + epsilon)
+
+
+def update_scale(fan_out: int, fan_in: int) -> float:
+    """sqrt(m / n) for X of shape m x n (fan_out x fan_in): the update P Q^T has unit spectral norm per input RMS."""
+    return math.sqrt(fan_out / fan_in)

@@ -1,0 +1,80 @@
+"""Dion, reference implementation: one matrix at a time, each collective waited for at once, closest to the paper.
+
+Ahn et al. 2025, "Dion: Distributed Orthonormalized Updates" (arXiv 2504.05295), Algorithm 1 with error feedback.
+For a matrix X (m x n, m >= n; Dion works on X^T when m < n), momentum M, gradient G and Q (n x r):
+
+    B = M + G                          (momentum dtype)
+    P = orth(B Q)                      (m x r, orthonormal columns; float32 QR)
+    R = B^T P                          (n x r)
+    M <- B - (1 - mu) P R^T            (error feedback: what the rank-r step did not use stays in M)
+    Q <- ColumnNormalize(R)            (R_j / (||R_j|| + eps))
+    X <- X (1 - lr wd) - lr sqrt(m/n) P Q^T
+
+power_iters > 1 repeats P = orth(B Q), Q = R before the last three lines. Sharded and replicated matrices follow the
+pattern of optimizers/dion_distributed.py; `optimizers.dion.Dion` and `optimizers.dion_async.DionAsync` are the fast
+twins, tested against this class step by step.
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed import ProcessGroup
+from torch.optim import Optimizer
+
+from optimizers.dion_core import DionBase, MatrixTask, build_dion, orthonormalize
+from optimizers.dion_distributed import Collectives, all_reduce, all_reduce_mean, run_blocking
+from optimizers.dion_math import column_normalize, column_sq_norms, update_scale
+
+
+def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None, power_iters: int,
+                          oversample: float) -> Collectives:
+    """Algorithm 1 for one matrix, in place on task.param, task.momentum and task.Q (local shards).
+
+    replicate_group: the replicas whose gradients this update averages (None: gradients are already in sync).
+    A zero or non-finite B leaves M and Q unchanged and makes the low-rank term zero (weight decay still applies)."""
+    layout = task.layout
+    G = task.grad
+    if replicate_group is not None and not task.compressed:
+        G = G.clone()
+        yield from all_reduce_mean(G, replicate_group)
+    compressed_group = replicate_group if task.compressed else None
+    B = torch.add(task.momentum, G).to(task.momentum.dtype)
+    A = B.T if layout.transposed else B
+    Q = task.Q.to(B.dtype)
+    for _ in range(power_iters):
+        P = A @ Q
+        yield all_reduce(P, layout.column_group)
+        yield from all_reduce_mean(P, compressed_group)
+        P = (yield from orthonormalize(P[None], task.qr_method, layout, [task.sketch_seed], oversample))[0]
+        P = P.to(B.dtype)
+        R = A.T @ P
+        yield all_reduce(R, layout.row_group)
+        yield from all_reduce_mean(R, compressed_group)
+        Q = R
+    valid = torch.isfinite(P).all()
+    P = torch.where(valid, P, 0.0)
+
+    sq_norms = column_sq_norms(R)
+    yield all_reduce(sq_norms, layout.column_group)
+    Q_new = torch.where(valid, column_normalize(R, sq_norms, task.epsilon), task.Q.float())
+    task.Q.copy_(Q_new)
+
+    feedback = P @ R.T
+    M_new = B - (1.0 - task.mu) * (feedback.T if layout.transposed else feedback)
+    task.momentum.copy_(torch.where(valid, M_new, task.momentum))
+
+    update = P @ Q_new.to(B.dtype).T
+    task.param.mul_(1.0 - task.lr * task.weight_decay)
+    task.param.add_(update.T if layout.transposed else update, alpha=-task.lr * update_scale(*layout.shape))
+
+
+class DionReference(DionBase):
+    """Dion (arXiv 2504.05295, Algorithm 1), unbatched: every matrix runs `dion_reference_update` on its own. Same
+    constructor, options, state and distributed support as `Dion`; see `optimizers.dion_core.DionBase`."""
+
+    def _update_matrices(self, tasks: list[MatrixTask]) -> None:
+        for task in tasks:
+            run_blocking(dion_reference_update(task, self._replicate_group, self._power_iters, self._rcqr_oversample))
+
+
+def build(ctx) -> Optimizer:
+    return build_dion(DionReference, ctx)
