@@ -16,6 +16,7 @@ _EXPORTS = {
     "DistributedShampoo": "optimizers.shampoo",
     "GraftingType": "optimizers.shampoo",
     "Muon": "optimizers.muon",
+    "Sophia": "optimizers.sophia",
 }
 
 __all__ = ["OPTIMIZERS", "OptimizerContext", "build_optimizer", "registered_names", *_EXPORTS]

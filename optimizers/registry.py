@@ -35,6 +35,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lion": OptimizerSpec("optimizers.lion:build", supports_tensor_parallel=True, elementwise=True),
     "shampoo": OptimizerSpec("optimizers.shampoo:build"),
     "muon": OptimizerSpec("optimizers.muon:build"),
+    "sophia": OptimizerSpec("optimizers.sophia:build", elementwise=True),
 }
 
 SCALAR_OPTIMIZERS = ("adamw", "lion")
