@@ -17,6 +17,7 @@ _EXPORTS = {
     "GraftingType": "optimizers.shampoo",
     "Muon": "optimizers.muon",
     "Sophia": "optimizers.sophia",
+    "ScheduleFreeAdamW": "optimizers.schedule_free",
 }
 
 __all__ = ["OPTIMIZERS", "OptimizerContext", "build_optimizer", "registered_names", *_EXPORTS]

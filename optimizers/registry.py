@@ -36,6 +36,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "shampoo": OptimizerSpec("optimizers.shampoo:build"),
     "muon": OptimizerSpec("optimizers.muon:build"),
     "sophia": OptimizerSpec("optimizers.sophia:build", elementwise=True),
+    "schedule_free_adamw": OptimizerSpec("optimizers.schedule_free:build", elementwise=True),
 }
 
 SCALAR_OPTIMIZERS = ("adamw", "lion")
