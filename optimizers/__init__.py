@@ -18,6 +18,12 @@ _EXPORTS = {
     "Muon": "optimizers.muon",
     "Sophia": "optimizers.sophia",
     "ScheduleFreeAdamW": "optimizers.schedule_free",
+    "Adam_Adv": "optimizers.advanced",
+    "Adopt_Adv": "optimizers.advanced",
+    "Prodigy_Adv": "optimizers.advanced",
+    "Simplified_AdEMAMix": "optimizers.advanced",
+    "Lion_Adv": "optimizers.advanced",
+    "Prodigy_Lion_Adv": "optimizers.advanced",
 }
 
 __all__ = ["OPTIMIZERS", "OptimizerContext", "build_optimizer", "registered_names", *_EXPORTS]

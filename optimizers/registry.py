@@ -37,6 +37,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "muon": OptimizerSpec("optimizers.muon:build"),
     "sophia": OptimizerSpec("optimizers.sophia:build", elementwise=True),
     "schedule_free_adamw": OptimizerSpec("optimizers.schedule_free:build", elementwise=True),
+    "adam_adv": OptimizerSpec("optimizers.advanced.build:build_adam_adv", supports_tensor_parallel=True,
+                            elementwise=True),
+    "adopt_adv": OptimizerSpec("optimizers.advanced.build:build_adopt_adv", supports_tensor_parallel=True,
+                            elementwise=True),
+    "prodigy_adv": OptimizerSpec("optimizers.advanced.build:build_prodigy_adv", supports_tensor_parallel=True,
+                            elementwise=True),
+    "simplified_ademamix": OptimizerSpec("optimizers.advanced.build:build_simplified_ademamix", supports_tensor_parallel=True,
+                            elementwise=True),
+    "lion_adv": OptimizerSpec("optimizers.advanced.build:build_lion_adv", supports_tensor_parallel=True,
+                            elementwise=True),
+    "prodigy_lion_adv": OptimizerSpec("optimizers.advanced.build:build_prodigy_lion_adv", supports_tensor_parallel=True,
+                            elementwise=True),
 }
 
 SCALAR_OPTIMIZERS = ("adamw", "lion")
