@@ -18,6 +18,7 @@ _EXPORTS = {
     "Muon": "optimizers.muon",
     "Sophia": "optimizers.sophia",
     "ScheduleFreeAdamW": "optimizers.schedule_free",
+    "Prodigy": "optimizers.prodigy",
     "Adam_Adv": "optimizers.advanced",
     "Adopt_Adv": "optimizers.advanced",
     "Prodigy_Adv": "optimizers.advanced",
