@@ -19,6 +19,7 @@ _EXPORTS = {
     "Sophia": "optimizers.sophia",
     "ScheduleFreeAdamW": "optimizers.schedule_free",
     "Prodigy": "optimizers.prodigy",
+    "SOAP": "optimizers.soap",
     "Adam_Adv": "optimizers.advanced",
     "Adopt_Adv": "optimizers.advanced",
     "Prodigy_Adv": "optimizers.advanced",

@@ -38,6 +38,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sophia": OptimizerSpec("optimizers.sophia:build", elementwise=True),
     "schedule_free_adamw": OptimizerSpec("optimizers.schedule_free:build", elementwise=True),
     "prodigy": OptimizerSpec("optimizers.prodigy:build", elementwise=True),
+    "soap": OptimizerSpec("optimizers.soap:build"),
     "adam_adv": OptimizerSpec("optimizers.advanced.build:build_adam_adv", supports_tensor_parallel=True,
                             elementwise=True),
     "adopt_adv": OptimizerSpec("optimizers.advanced.build:build_adopt_adv", supports_tensor_parallel=True,
