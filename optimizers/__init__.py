@@ -20,6 +20,7 @@ _EXPORTS = {
     "ScheduleFreeAdamW": "optimizers.schedule_free",
     "Prodigy": "optimizers.prodigy",
     "SOAP": "optimizers.soap",
+    "WSDScheduler": "optimizers.schedulers",
     "Adam_Adv": "optimizers.advanced",
     "Adopt_Adv": "optimizers.advanced",
     "Prodigy_Adv": "optimizers.advanced",
