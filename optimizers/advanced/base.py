@@ -161,6 +161,20 @@ class AdvancedOptimizer(Optimizer):
         self._finish_step()
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that state tensors keep their saved dtype: torch casts every floating-point state
+        tensor to its parameter's dtype, which would round the float32 factors and D-adaptation sums of a bfloat16
+        parameter (and turn packed uint8 signs into floats)."""
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [param_id for group in state_dict["param_groups"] for param_id in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for param_id, param in zip(saved_ids, params):
+            if param_id in saved_state:
+                device = local_tensor(param).device
+                self.state[param] = {key: value.to(device=device) if isinstance(value, Tensor) else value
+                                     for key, value in saved_state[param_id].items()}
+
     # --- fused backward pass -----------------------------------------------------------------------------------
     def register_fused_backward_hooks(self) -> None:
         """Update each parameter inside its post-accumulate-grad hook and free its gradient (see module doc)."""

@@ -91,10 +91,13 @@ class Moment:
         if not self.factored:
             dense = local_tensor(state[self.name])
             return dense if dense.dtype == torch.float32 else dense.float()
-        row, col = state[f"{self.name}_row"], state[f"{self.name}_col"]
+        # A container that casts floating state to the parameter's dtype on load (CompositeOptimizer does, through
+        # torch's Optimizer.load_state_dict) hands back factors in that dtype and signs as floats: byte values are
+        # exact in every floating dtype, so the conversions below are lossless for the signs.
+        row, col = state[f"{self.name}_row"].float(), state[f"{self.name}_col"].float()
         working = reconstruct_rank1(row, col)
         if self.signed:
-            negative = unpack_signs(state[f"{self.name}_sign"], col.numel())
+            negative = unpack_signs(state[f"{self.name}_sign"].to(torch.uint8), col.numel())
             working = torch.where(negative, working.neg(), working)
         return working.view(local_shape)
 
