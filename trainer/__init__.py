@@ -1,0 +1,1 @@
+"""Training components used by train.py: config, distributed setup and parallelization, checkpoints, logging."""

@@ -1,0 +1,170 @@
+"""Process group, device mesh and model parallelization.
+
+Mesh: (dp, fs, tp) with names ("dp", "fs", "tp"). dp = data-parallel replicas, fs = FSDP shards, tp = tensor
+parallel. Data-parallel rank/size for the data loader come from the dp x fs sub-mesh (TP ranks read the same data).
+
+`parallelize` applies, in this fixed order: tensor parallelism (tp > 1), torch.compile (optional), then FSDP2
+`fully_shard` per block and at the root (fs > 1, or HSDP with dp > 1), or DDP when nothing is sharded. Which axis
+the gradient sync covers depends on `replicate_mesh_grad_sync`: when the optimizer syncs the replicas itself
+(Dion's compressed P/R sync), the dp axis is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.config import ConfigError, TrainConfig
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dp: int
+    fs: int
+    tp: int
+    mesh: Any = None  # DeviceMesh (dp, fs, tp) when world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Rank within the dp x fs sub-mesh: which slice of each global batch this process reads."""
+        if self.mesh is None:
+            return 0
+        return self.mesh["dp"].get_local_rank() * self.fs + self.mesh["fs"].get_local_rank()
+
+    @property
+    def data_world_size(self) -> int:
+        return self.dp * self.fs
+
+    def submesh(self, name: str):
+        size = {"dp": self.dp, "fs": self.fs, "tp": self.tp}[name]
+        return self.mesh[name] if self.mesh is not None and size > 1 else None
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def mesh_sizes(config: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(dp, fs, tp): unspecified sizes are 1; all unspecified means DDP over every rank."""
+    if config.dp_size is None and config.fs_size is None and config.tp_size is None:
+        return world_size, 1, 1
+    dp, fs, tp = (config.dp_size or 1), (config.fs_size or 1), (config.tp_size or 1)
+    if dp * fs * tp != world_size:
+        raise ConfigError(f"dp_size x fs_size x tp_size = {dp} x {fs} x {tp} = {dp * fs * tp} must equal the "
+                          f"number of processes ({world_size})")
+    return dp, fs, tp
+
+
+def init_distributed(config: TrainConfig) -> Distributed:
+    """Initialize torch.distributed when launched by torchrun (gloo on CPU, nccl on CUDA) and build the mesh."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dp, fs, tp = mesh_sizes(config, world_size)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    mesh = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=10))
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(device.type, (dp, fs, tp), mesh_dim_names=("dp", "fs", "tp"))
+    return Distributed(rank, world_size, local_rank, device, dp, fs, tp, mesh)
+
+
+def _apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Megatron-style TP: q/k/v and MLP input column-parallel, attention output and MLP output row-parallel (heads
+    divided across tp). The per-head QK-norm runs on the local heads, treated as a tensor sharded on its head
+    dimension so its (replicated) gains get their gradient summed over all heads."""
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, {
+            "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+            "attn.o": RowwiseParallel(),
+            "attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+            "attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+            "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(),
+        })
+
+
+def _fsdp_placement(param: nn.Parameter):
+    """FSDP shards the matrix dimension that TP does not (so Dion sees rows sharded by one mesh and columns by the
+    other); plain parameters shard rows."""
+    from torch.distributed.tensor import DTensor, Shard
+    if isinstance(param, DTensor) and param.ndim == 2:
+        tp_dims = {p.dim for p in param.placements if isinstance(p, Shard)}
+        if 0 in tp_dims:
+            return Shard(1)
+    return Shard(0)
+
+
+def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimizer_syncs_replicas: bool) -> nn.Module:
+    """Apply TP, compile and FSDP2/DDP as described in the module docstring. Returns the module to train."""
+    if env.tp > 1:
+        _apply_tensor_parallel(model, env.mesh["tp"])
+    if config.compile:
+        for block in model.blocks:
+            block.compile()
+    if env.world_size == 1:
+        return model
+    replicate_by_wrapper = env.dp > 1 and not optimizer_syncs_replicas
+    if env.fs > 1 or env.tp > 1 and replicate_by_wrapper:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        if env.fs > 1:
+            fsdp_mesh = env.mesh["dp", "fs"] if replicate_by_wrapper else env.mesh["fs"]
+        else:  # TP with wrapper-synced replicas: shard over dp (same math as replicas, ZeRO-3 memory)
+            fsdp_mesh = env.mesh["dp"]
+        policy = MixedPrecisionPolicy()
+        if env.device.type == "cuda" and config.mixed_precision:
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, shard_placement_fn=_fsdp_placement)
+        fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, shard_placement_fn=_fsdp_placement)
+        return model
+    if replicate_by_wrapper and env.tp == 1:
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, process_group=env.mesh["dp"].get_group(),
+                                       device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    return model
+
+
+def no_gradient_sync(model: nn.Module, sync: bool):
+    """Context for one micro-batch: skip the gradient all-reduce/reduce-scatter unless `sync` (the last one)."""
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def all_reduce_mean(value: torch.Tensor, env: Distributed) -> torch.Tensor:
+    """Mean over the data-parallel ranks (TP ranks hold the same value)."""
+    if env.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= env.world_size
+    return value

@@ -1,0 +1,56 @@
+"""Run directory outputs: `config.yaml` (the resolved config), `metrics.jsonl` (one JSON record per logged step:
+step, train_loss, val_loss when computed, lr, tokens, time, grad_norm, tokens_per_second), and wandb when enabled.
+Only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config import TrainConfig
+
+
+class RunLogger:
+    def __init__(self, config: TrainConfig, enabled: bool, resume_step: int, wandb_id: str | None):
+        self.enabled = enabled
+        self.run_dir = Path(config.run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        self.wandb_id = wandb_id
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self._truncate_after(resume_step)
+        if not config.no_wandb:
+            import wandb
+            if self.wandb_id is None:
+                self.wandb_id = wandb.util.generate_id()
+            self.wandb_run = wandb.init(project=config.wandb_project_name, name=config.wandb_job_name,
+                                        id=self.wandb_id, resume="allow", config=config.to_dict(),
+                                        dir=str(self.run_dir))
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run rewrites history after its checkpoint: drop records a crashed run logged past it."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
