@@ -29,6 +29,9 @@ ALGORITHMS = ("dion", *SCALAR_ALGORITHMS)
 
 # Rows of the rcqr sketch are a multiple of this (the PyTorch reference's choice: full tiles on accelerators).
 SKETCH_ROW_MULTIPLE = 128
+# A Cholesky factor whose smallest diagonal entry is below this fraction of its largest describes a numerically
+# rank-deficient P: the Cholesky-based methods then fall back (cqr -> rcqr -> Householder QR), as in PyTorch.
+CHOLESKY_MIN_DIAGONAL_RATIO = 1e-3
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class DionOptions:
             ("rank_fraction", 0.0 < self.rank_fraction <= 1.0, "a float in (0, 1]"),
             ("rank_multiple_of", isinstance(self.rank_multiple_of, int) and self.rank_multiple_of >= 1,
              "an integer >= 1"),
-            ("mu", 0.0 <= self.mu < 1.0, "a float in [0, 1)"),
+            ("mu", 0.0 <= self.mu <= 1.0, "a float in [0, 1]"),
             ("betas", len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
              "two floats in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0.0, "a float >= 0"),
@@ -78,9 +81,10 @@ class DionOptions:
 
 
 def matrix_rank(shape: tuple[int, int], rank_fraction: float, rank_multiple_of: int) -> int:
-    """r = min(ceil(rank_fraction min(m, n) / rank_multiple_of) rank_multiple_of, m, n)."""
+    """r = min(ceil(rank_fraction min(m, n) / rank_multiple_of) rank_multiple_of, m, n); the product is rounded to 6
+    decimals first (0.3 * 10 counts as 3, not 4), as in the PyTorch version."""
     m, n = shape
-    rank = rank_multiple_of * math.ceil(rank_fraction * min(m, n) / rank_multiple_of)
+    rank = rank_multiple_of * math.ceil(round(rank_fraction * min(m, n), 6) / rank_multiple_of)
     return min(rank, m, n)
 
 
@@ -89,9 +93,15 @@ def q_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
     return (min(shape), rank)
 
 
-def initial_q(seed: int, index: int, shape: tuple[int, int], rank: int, dtype) -> jax.Array:
-    """Q_0 ~ N(0, 1), drawn from key(seed) folded with the index of the matrix among the Dion leaves."""
-    key = jax.random.fold_in(jax.random.key(seed), index)
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(key of the initial Q matrices, key of the rcqr sketches), both derived from `seed`."""
+    q_key, sketch_key = jax.random.split(jax.random.key(seed))
+    return q_key, sketch_key
+
+
+def initial_q(q_key: jax.Array, index: int, shape: tuple[int, int], rank: int, dtype) -> jax.Array:
+    """Q_0 ~ N(0, 1), drawn from q_key folded with the index of the matrix among the Dion leaves."""
+    key = jax.random.fold_in(q_key, index)
     return jax.random.normal(key, q_shape(shape, rank), dtype=jnp.float32).astype(dtype)
 
 
@@ -100,92 +110,123 @@ def sketch_rows(rank: int, oversample: float) -> int:
     return SKETCH_ROW_MULTIPLE * math.ceil(oversample * rank / SKETCH_ROW_MULTIPLE)
 
 
+def nonzero_and_finite(T: jax.Array) -> jax.Array:
+    """True when every entry of T is finite and one at least is non-zero: B Q can then be orthonormalized."""
+    return jnp.all(jnp.isfinite(T)) & jnp.any(T != 0)
+
+
+def positive_diagonal_signs(R: jax.Array) -> jax.Array:
+    """sign(diag(R)) with sign(0) = +1."""
+    return jnp.where(jnp.diagonal(R) < 0, -1.0, 1.0).astype(R.dtype)
+
+
 def right_solve_upper(P: jax.Array, R: jax.Array) -> jax.Array:
     """P R^{-1} for upper-triangular R: solves X R = P as R^T X^T = P^T."""
     return solve_triangular(R, P.T, trans="T", lower=False).T
 
 
-def cholesky_upper(A: jax.Array) -> jax.Array:
-    """Upper-triangular R with A = R^T R (NaN entries when A is not positive definite)."""
-    return jnp.linalg.cholesky(A).T
+def cholesky_upper(A: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Upper-triangular R with A = R^T R, and whether R is usable: finite, and min diag(R) >= 1e-3 max diag(R)
+    (CHOLESKY_MIN_DIAGONAL_RATIO: beyond cond(P) ~ 1e3, Cholesky QR leaves the columns far from orthonormal)."""
+    R = jnp.linalg.cholesky(A).T
+    diagonal = jnp.diagonal(R)
+    usable = jnp.all(jnp.isfinite(diagonal)) & (jnp.min(diagonal) >= CHOLESKY_MIN_DIAGONAL_RATIO * jnp.max(diagonal))
+    return R, usable
 
 
-def orthogonalize_qr(P: jax.Array) -> jax.Array:
-    """Householder QR: the thin Q factor of P (m x r, m >= r), float32."""
-    return jnp.linalg.qr(P.astype(jnp.float32))[0]
+def householder_orthonormalize(P: jax.Array) -> jax.Array:
+    """Q of the Householder QR P = Q R (P: m x r, m >= r, float32), column signs fixed so that diag(R) >= 0."""
+    Q, R = jnp.linalg.qr(P)
+    return Q * positive_diagonal_signs(R)[None, :]
 
 
-def orthogonalize_rcqr(P: jax.Array, key: jax.Array, oversample: float) -> jax.Array:
-    """Randomized Cholesky QR (Dion paper, Algorithm 2), float32.
+def cholesky_qr(P: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cholesky QR (float32): R = chol(P^T P), Q = P R^{-1}; and whether R was usable."""
+    R, usable = cholesky_upper(P.T @ P)
+    return right_solve_upper(P, R), usable
 
-        S ~ N(0, 1/k) of shape k x m;  R1 = qr_R(S P);  Q1 = P R1^{-1}
-        R2 = chol(Q1^T Q1);  Q = Q1 R2^{-1}            (one Cholesky QR pass to restore orthonormality)
-    A square P (m == r) takes Householder QR, which is cheaper there.
+
+def randomized_cholesky_qr(P: jax.Array, key: jax.Array, oversample: float) -> tuple[jax.Array, jax.Array]:
+    """Randomized Cholesky QR (Dion paper, Algorithm 2), float32, P: m x r with m > r:
+
+        S ~ N(0, 1/k) of shape k x m;  R1 = qr_R(S P) with diag(R1) >= 0;  P1 = P R1^{-1}
+        Q = cholesky_qr(P1)                         (one pass to restore orthonormality)
+    Returns (Q, whether the Cholesky factor was usable).
     """
     rows, rank = P.shape
-    if rows <= rank:
-        return orthogonalize_qr(P)
     k = sketch_rows(rank, oversample)
     sketch = jax.random.normal(key, (k, rows), dtype=jnp.float32) * math.sqrt(1.0 / k)
-    P32 = P.astype(jnp.float32)
-    R1 = jnp.linalg.qr(sketch @ P32, mode="r")
-    Q1 = right_solve_upper(P32, R1)
-    return right_solve_upper(Q1, cholesky_upper(Q1.T @ Q1))
+    R1 = jnp.linalg.qr(sketch @ P, mode="r")
+    R1 = R1 * positive_diagonal_signs(R1)[:, None]
+    return cholesky_qr(right_solve_upper(P, R1))
 
 
-def orthogonalize_cqr(P: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cholesky QR, float32: R = chol(P^T P), Q = P R^{-1}. Returns (Q, ok): ok is False where the factor failed."""
-    P32 = P.astype(jnp.float32)
-    Q = right_solve_upper(P32, cholesky_upper(P32.T @ P32))
-    return Q, jnp.all(jnp.isfinite(Q))
+def orthonormalize(P: jax.Array, qr_method: str, use_cqr: jax.Array, key: jax.Array, oversample: float) -> jax.Array:
+    """Orthonormal columns spanning those of P (m x r, m >= r, non-zero and finite), float32.
+
+    All methods return the same matrix, the Q factor whose triangular factor has a positive diagonal (unique for a
+    full-rank P). "cqr" runs Cholesky QR once `use_cqr` (the warm-up is over) and falls back to "rcqr" when the
+    factor is unusable; "rcqr" falls back to Householder QR likewise, and takes it directly for a square P.
+    """
+    P = P.astype(jnp.float32)
+    rows, rank = P.shape
+    householder = lambda: householder_orthonormalize(P)
+    if qr_method == "qr" or rows <= rank:
+        return householder()
+
+    def rcqr():
+        Q, usable = randomized_cholesky_qr(P, key, oversample)
+        return jax.lax.cond(usable, lambda: Q, householder)
+
+    if qr_method == "rcqr":
+        return rcqr()
+
+    def cqr():
+        Q, usable = cholesky_qr(P)
+        return jax.lax.cond(usable, lambda: Q, rcqr)
+
+    return jax.lax.cond(use_cqr, cqr, rcqr)
 
 
-def orthogonalize(P: jax.Array, qr_method: str, use_cqr: jax.Array, key: jax.Array, oversample: float) -> jax.Array:
-    """Orthonormal basis of the columns of P (m x r), returned in P's dtype. qr_method "cqr" uses Cholesky QR when
-    `use_cqr` (the warm-up is over) and the factor succeeds, randomized Cholesky QR otherwise."""
-    if qr_method == "qr":
-        Q = orthogonalize_qr(P)
-    elif qr_method == "rcqr":
-        Q = orthogonalize_rcqr(P, key, oversample)
-    else:
-        Q_cqr, ok = orthogonalize_cqr(P)
-        Q = jax.lax.cond(use_cqr & ok, lambda: Q_cqr, lambda: orthogonalize_rcqr(P, key, oversample))
-    return Q.astype(P.dtype)
+def column_normalize(R: jax.Array, epsilon: float) -> jax.Array:
+    """Q = R_:j / (||R_:j|| + eps) column by column, float32 (Algorithm 1: Q_t = ColumnNormalize(R_t))."""
+    R = R.astype(jnp.float32)
+    return R / (jnp.sqrt(jnp.sum(R * R, axis=-2, keepdims=True)) + epsilon)
 
 
 def dion_direction(G: jax.Array, M: jax.Array, Q: jax.Array, key: jax.Array, use_cqr: jax.Array,
                    options: DionOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One Dion step for one matrix X (m x n); returns (direction, new momentum, new Q), all in X's orientation
-    except Q (min(m, n) x r). The caller applies X <- X (1 - lr wd) - lr direction.
+    """One Dion step (Algorithm 1) for one matrix X (m x n): returns (direction, new momentum, new Q); the caller
+    applies X <- X (1 - lr wd) - lr direction.
 
-    With B the tall orientation of M + G (B = (M + G)^T when m < n) and Q_0 = Q, for each power iteration:
-        P = orth(B Q);  R = B^T P;  Q <- R
+    A is the tall orientation of B = M + G (A = B^T when m < n) and Q is min(m, n) x r. For each power iteration
+        P = orth(A Q);  R = A^T P;  Q <- R
     then
-        M <- M + G - (1 - mu) P R^T              (error feedback, in X's orientation)
-        Q <- R / (||R_col|| + eps)                (column norms in float32)
+        M <- B - (1 - mu) P R^T                   (error feedback, in X's orientation)
+        Q <- ColumnNormalize(R)                   (float32)
         direction = sqrt(m / n) P Q^T             (in X's orientation)
-    A zero or non-finite B keeps Q and gives a zero direction (and M <- M + G).
+    The power iteration runs in the momentum's dtype. When A Q is zero or non-finite (B zero or non-finite) the
+    step is skipped: M and Q are kept and the direction is zero.
     """
     m, n = G.shape
     transposed = m < n
-    M = M + G
-    B = M.T if transposed else M
-    Q_in = Q.astype(B.dtype)
-    R = Q_in
+    B = (M + G).astype(M.dtype)
+    A = B.T if transposed else B
+    R = Q.astype(B.dtype)
+    valid = jnp.array(True)
     for _ in range(options.power_iters):
-        P = orthogonalize(B @ R, options.qr_method, use_cqr, key, options.rcqr_oversample)
-        R = B.T @ P
-    usable = jnp.any(B != 0) & jnp.all(jnp.isfinite(B))
-    P = jnp.where(usable, P, jnp.zeros_like(P))
-    R = jnp.where(usable, R, jnp.zeros_like(R))
+        P = A @ R
+        valid = valid & nonzero_and_finite(P)
+        P = orthonormalize(jnp.where(valid, P, 0.0), options.qr_method, use_cqr, key, options.rcqr_oversample)
+        P = P.astype(B.dtype)
+        R = A.T @ P
+    P = jnp.where(valid, P, 0.0)
+    Q_new = jnp.where(valid, column_normalize(R, options.epsilon), Q.astype(jnp.float32))
     feedback = P @ R.T
-    M = M - (1.0 - options.mu) * (feedback.T if transposed else feedback)
-    R32 = R.astype(jnp.float32)
-    Q_new = (R32 / (jnp.linalg.norm(R32, axis=0, keepdims=True) + options.epsilon)).astype(P.dtype)
-    Q_new = jnp.where(usable, Q_new, Q_in)
-    update = P @ Q_new.T
+    M_new = jnp.where(valid, B - (1.0 - options.mu) * (feedback.T if transposed else feedback), M)
+    update = P @ Q_new.astype(B.dtype).T
     direction = math.sqrt(m / n) * (update.T if transposed else update)
-    return direction.astype(G.dtype), M, Q_new.astype(Q.dtype)
+    return direction.astype(G.dtype), M_new.astype(M.dtype), Q_new.astype(Q.dtype)
 
 
 class ScaleByDionState(NamedTuple):
@@ -204,15 +245,16 @@ def check_matrices(params) -> None:
 def scale_by_dion(options: DionOptions, seed: int = 0) -> optax.GradientTransformation:
     """The Dion direction sqrt(m/n) P Q^T of every leaf (all 2D). State: step count, momentum, Q.
 
-    The rcqr sketch of leaf i at step t is drawn from key(seed) folded with (t, i): deterministic, and identical on
-    every device.
+    The rcqr sketch of leaf i at step t is drawn from the sketch key of `seed_keys(seed)` folded with (t, i):
+    deterministic, and identical on every device.
     """
+    q_key, sketch_key = seed_keys(seed)
 
     def init(params):
         check_matrices(params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         momentum = [jnp.zeros_like(x) for x in leaves]
-        Q = [initial_q(seed, i, x.shape, matrix_rank(x.shape, options.rank_fraction, options.rank_multiple_of),
+        Q = [initial_q(q_key, i, x.shape, matrix_rank(x.shape, options.rank_fraction, options.rank_multiple_of),
                        x.dtype) for i, x in enumerate(leaves)]
         return ScaleByDionState(jnp.zeros([], jnp.int32), jax.tree_util.tree_unflatten(treedef, momentum),
                                 jax.tree_util.tree_unflatten(treedef, Q))
@@ -221,7 +263,7 @@ def scale_by_dion(options: DionOptions, seed: int = 0) -> optax.GradientTransfor
         del params
         step = state.count + 1
         use_cqr = step > options.cqr_warmup_steps
-        step_key = jax.random.fold_in(jax.random.key(seed), step)
+        step_key = jax.random.fold_in(sketch_key, step)
         grads, treedef = jax.tree_util.tree_flatten(updates)
         momentum = treedef.flatten_up_to(state.momentum)
         Q = treedef.flatten_up_to(state.Q)
