@@ -38,7 +38,8 @@ def sophia_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     """
     if not params:
         return
-    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
     denominators = torch._foreach_mul(hessians, rho * tokens_per_step)
