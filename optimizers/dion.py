@@ -122,7 +122,7 @@ class Dion(DionBase):
 
         sq_norms = column_sq_norms(R)
         yield all_reduce(sq_norms, layout.column_group)
-        Q_new = torch.where(valid, column_normalize(R, sq_norms, head.epsilon), Q_old.float())
+        Q_new = torch.where(valid, column_normalize(R, sq_norms, head.epsilon), Q_old)
         torch._foreach_copy_([task.Q for task in tasks], list(Q_new.unbind(0)))
 
         if layout.transposed:

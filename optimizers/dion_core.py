@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
                                          as_like, group_size, local_tensor, matrix_layout, process_group, q_placements,
                                          run_blocking)
-from optimizers.dion_math import (cholesky_upper, gaussian_sketch, gram, householder_orthonormalize, initial_q,
+from optimizers.dion_math import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize, initial_q,
                                   low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
                                   solve_right_upper)
 from optimizers.scalar_updates import adamw_update, lion_update
@@ -158,35 +158,36 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
     """Orthonormal columns spanning P's (Algorithm 1, line "P_t = Orthogonalize(B_t Q_{t-1})").
 
     P: (b, local rows, r), already summed over the column shards and replicas; its rows may be sharded over
-    layout.row_group. Returns float32 (b, local rows, r) whose columns are orthonormal over all row shards, with NaN
-    where a matrix of the stack is zero or non-finite. sketch_seeds: one seed per matrix for rcqr (None: a zero
-    sketch, for padding matrices)."""
+    layout.row_group. Returns (b, local rows, r) in compute_dtype(P) (float32, or float64 for float64 P) whose
+    columns are orthonormal over all row shards, with NaN where a matrix of the stack is zero or non-finite.
+    sketch_seeds: one seed per matrix for rcqr (None: a zero sketch, for padding matrices)."""
     rows, _ = layout.algorithm_shape
     rank = P.shape[-1]
     start, length, _ = layout.rows
-    P32 = P.float()
+    P = P.to(compute_dtype(P))
     if qr_method is QRMethod.CQR:
-        G = gram(P32)
+        G = gram(P)
         yield all_reduce(G, layout.row_group)
         valid = nonzero_and_finite(G)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
         if bool((usable | ~valid).all()):
-            return _mark_invalid(solve_right_upper(P32, R), valid)
+            return _mark_invalid(solve_right_upper(P, R), valid)
         qr_method = QRMethod.RCQR
     if qr_method is QRMethod.RCQR and rows > rank:
         k = sketch_rows(rank, oversample)
-        sketches = [P32.new_zeros((k, length)) if seed is None else
-                    gaussian_sketch(k, rows, seed, P.device)[:, start:start + length] for seed in sketch_seeds]
-        SP = torch.stack(sketches) @ P32
+        sketches = [P.new_zeros((k, length)) if seed is None else
+                    gaussian_sketch(k, rows, seed, P.device, P.dtype)[:, start:start + length]
+                    for seed in sketch_seeds]
+        SP = torch.stack(sketches) @ P
         yield all_reduce(SP, layout.row_group)
         valid = nonzero_and_finite(SP)
-        P1 = solve_right_upper(P32, sketch_triangular_factor(torch.where(valid[:, None, None], SP, 0.0)))
+        P1 = solve_right_upper(P, sketch_triangular_factor(torch.where(valid[:, None, None], SP, 0.0)))
         G = gram(P1)
         yield all_reduce(G, layout.row_group)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
         if bool((usable | ~valid).all()):
             return _mark_invalid(solve_right_upper(P1, R), valid)
-    full = yield from all_gather_rows(P32, layout.row_group, layout.rows, rows)
+    full = yield from all_gather_rows(P, layout.row_group, layout.rows, rows)
     valid = nonzero_and_finite(full)
     Q = householder_orthonormalize(torch.where(valid[:, None, None], full, 0.0))
     return _mark_invalid(Q[:, start:start + length], valid)

@@ -208,10 +208,10 @@ def all_gather_rows(local: Tensor, group: ProcessGroup | None, rows: tuple[int, 
     padded = local.new_zeros((local.shape[0], chunk, local.shape[2]))
     padded[:, :length] = local
     world = group_size(group)
-    gathered = local.new_empty((world, *padded.shape))
-    yield _all_gather(gathered, padded, group=group, async_op=True)
-    # (w, b, chunk, r) -> (b, w chunk, r), then drop the padding rows of the short last shards.
-    return gathered.permute(1, 0, 2, 3).reshape(local.shape[0], world * chunk, local.shape[2])[:, :total]
+    gathered = yield from all_gather_batch(padded, group)
+    # (w b, chunk, r) -> (b, w chunk, r), then drop the padding rows of the short last shards.
+    gathered = gathered.view(world, *padded.shape).permute(1, 0, 2, 3)
+    return gathered.reshape(local.shape[0], world * chunk, local.shape[2])[:, :total]
 
 
 def run_blocking(collectives: Collectives):

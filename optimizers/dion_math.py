@@ -11,7 +11,7 @@ positive diagonal (unique for full-rank P), so they are interchangeable and comp
 - "cqr": Cholesky QR, R = chol(P^T P), Q = P R^{-1}. Fast, but loses orthogonality as cond(P)^2 grows.
 - "rcqr": randomized Cholesky QR (the paper's Algorithm 2): R1 from a Householder QR of the sketch S P (S Gaussian,
   k x m with k ~ oversample r), P1 = P R1^{-1}, then one Cholesky QR pass on P1. Stable up to cond(P) ~ 1/eps.
-All of them run in float32.
+All of them run in float32, or float64 for float64 inputs (`compute_dtype`).
 """
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ SKETCH_ROW_MULTIPLE = 128
 CHOLESKY_MIN_DIAGONAL_RATIO = 1e-3
 
 
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """float32 for bfloat16/float16/float32 inputs, float64 for float64: orthonormalization and norms never run in
+    a 16-bit format."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def low_rank_dim(m: int, n: int, rank_fraction: float, rank_multiple_of: int) -> int:
     """r = min(ceil(rank_fraction min(m, n) / rank_multiple_of) rank_multiple_of, m, n).
 
@@ -40,11 +46,11 @@ def sketch_rows(rank: int, oversample: float) -> int:
     return SKETCH_ROW_MULTIPLE * math.ceil(oversample * rank / SKETCH_ROW_MULTIPLE)
 
 
-def gaussian_sketch(rows: int, columns: int, seed: int, device: torch.device) -> Tensor:
-    """S ~ N(0, 1/k), k x m (k = rows), float32, drawn from a generator seeded with `seed` on `device`."""
+def gaussian_sketch(rows: int, columns: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """S ~ N(0, 1/k), k x m (k = rows), drawn from a generator seeded with `seed` on `device`."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    sketch = torch.randn((rows, columns), generator=generator, device=device, dtype=torch.float32)
+    sketch = torch.randn((rows, columns), generator=generator, device=device, dtype=dtype)
     return sketch.mul_(1.0 / math.sqrt(rows))
 
 
@@ -56,9 +62,9 @@ def initial_q(rows: int, rank: int, seed: int, device: torch.device) -> Tensor:
 
 
 def gram(P: Tensor) -> Tensor:
-    """P^T P in float32, (..., r, r): a sum over the rows of P (all-reduce it when the rows are sharded)."""
-    P32 = P.float()
-    return P32.mT @ P32
+    """P^T P in compute_dtype, (..., r, r): a sum over the rows of P (all-reduce it when the rows are sharded)."""
+    P = P.to(compute_dtype(P))
+    return P.mT @ P
 
 
 def nonzero_and_finite(T: Tensor) -> Tensor:
@@ -75,14 +81,14 @@ def positive_diagonal_signs(R: Tensor) -> Tensor:
 
 
 def householder_orthonormalize(P: Tensor) -> Tensor:
-    """Q of P = Q R (Householder) with diag(R) >= 0: Q <- Q diag(sign(diag(R))). float32, (..., m, r), m >= r."""
-    Q, R = torch.linalg.qr(P.float())
+    """Q of P = Q R (Householder) with diag(R) >= 0: Q <- Q diag(sign(diag(R))). (..., m, r), m >= r."""
+    Q, R = torch.linalg.qr(P.to(compute_dtype(P)))
     return Q * positive_diagonal_signs(R).unsqueeze(-2)
 
 
 def sketch_triangular_factor(SP: Tensor) -> Tensor:
-    """R1 of S P = Q1 R1 (Householder) with diag(R1) >= 0: R1 <- diag(sign(diag(R1))) R1. float32, (..., r, r)."""
-    R = torch.linalg.qr(SP.float(), mode="r").R
+    """R1 of S P = Q1 R1 (Householder) with diag(R1) >= 0: R1 <- diag(sign(diag(R1))) R1, (..., r, r)."""
+    R = torch.linalg.qr(SP.to(compute_dtype(SP)), mode="r").R
     return R * positive_diagonal_signs(R).unsqueeze(-1)
 
 
@@ -101,13 +107,14 @@ def solve_right_upper(P: Tensor, R: Tensor) -> Tensor:
 
 
 def column_sq_norms(R: Tensor) -> Tensor:
-    """sum_i R_ij^2 per column in float32, (..., r): a sum over rows (all-reduce it when the rows are sharded)."""
-    return R.float().square().sum(-2)
+    """sum_i R_ij^2 per column in compute_dtype, (..., r): a sum over rows (all-reduce it when the rows are
+    sharded)."""
+    return R.to(compute_dtype(R)).square().sum(-2)
 
 
 def column_normalize(R: Tensor, sq_norms: Tensor, epsilon: float) -> Tensor:
-    """Q = R / (||R_:j|| + eps) column by column, float32 (Algorithm 1: Q_t = ColumnNormalize(R_t))."""
-    return R.float() / (sq_norms.sqrt().unsqueeze(-2) + epsilon)
+    """Q = R / (||R_:j|| + eps) column by column, in compute_dtype (Algorithm 1: Q_t = ColumnNormalize(R_t))."""
+    return R.to(compute_dtype(R)) / (sq_norms.sqrt().unsqueeze(-2) + epsilon)
 
 
 def update_scale(fan_out: int, fan_in: int) -> float:

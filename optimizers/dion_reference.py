@@ -55,7 +55,7 @@ def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None
 
     sq_norms = column_sq_norms(R)
     yield all_reduce(sq_norms, layout.column_group)
-    Q_new = torch.where(valid, column_normalize(R, sq_norms, task.epsilon), task.Q.float())
+    Q_new = torch.where(valid, column_normalize(R, sq_norms, task.epsilon), task.Q)
     task.Q.copy_(Q_new)
 
     feedback = P @ R.T

@@ -1,0 +1,247 @@
+"""torchrun worker for tests/optimizers/test_dion_distributed.py: distributed Dion runs against the single-process run
+on the full batch.
+
+Usage: torchrun --standalone --nproc_per_node=N dion_distributed_worker.py {two,four} OUTPUT.json
+Every rank runs the same scenarios; rank 0 writes, per scenario and optimizer class, the largest absolute difference
+of the distributed parameters (gathered) from the single-process `DionReference` run, plus a few boolean checks.
+Everything runs in float64, so that summation order (sharded sums, all-reduces) stays far below the tolerances even
+where P is ill-conditioned (rank fraction 1).
+
+Two kinds of scenarios:
+- synthetic: a few matrices (tall, wide, square, repeated shapes, uneven shards) laid out with `distribute_tensor` (or
+  plain tensors), with the gradient of replica d drawn from a seed that depends on (step, d, matrix). The
+  single-process run gets the mean over replicas. This covers every mesh layout with exact control of the inputs.
+- model: a tiny MLP wrapped with FSDP2 `fully_shard`, each rank training on its part of the batch; the
+  single-process run trains on the whole batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from optimizers.dion import Dion
+from optimizers.dion_async import DionAsync
+from optimizers.dion_reference import DionReference
+
+CLASSES = (DionReference, Dion, DionAsync)
+STEPS = 3
+# Repeated shapes fill batches (and pad DionAsync's shares); 10 and 14 rows split unevenly over 4 ranks.
+SHAPES = [(12, 8), (8, 12), (12, 8), (10, 10), (6, 14), (12, 8), (14, 6)]
+OPTIONS = dict(lr=0.05, weight_decay=0.1, mu=0.9)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def max_difference(xs, ys) -> float:
+    return max((full(x.detach()) - full(y.detach())).abs().max().item() for x, y in zip(xs, ys))
+
+
+def initial_weights() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
+
+
+def replica_gradient(step: int, replica: int, index: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * step + 100 * replica + index)
+    return torch.randn(SHAPES[index], generator=generator, dtype=torch.float64)
+
+
+def run_synthetic(cls, layout, replicas: int, replica: int, steps: int = STEPS, sync_grads_first: bool = False,
+                  **options):
+    """Train the SHAPES matrices for `steps` steps. layout(index, tensor) -> the distributed parameter (or the plain
+    tensor); the gradient of this rank is replica_gradient(step, replica, .) laid out the same way. With
+    sync_grads_first the gradients are averaged over the replicas here (the optimizer must not sync them)."""
+    params = [nn.Parameter(layout(i, w)) for i, w in enumerate(initial_weights())]
+    optimizer = cls(params, **OPTIONS, **options)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            if sync_grads_first:
+                grad = torch.stack([replica_gradient(step, d, i) for d in range(replicas)]).mean(0)
+            else:
+                grad = replica_gradient(step, replica, i)
+            p.grad = layout(i, grad)
+        optimizer.step()
+    return params, optimizer
+
+
+def single_process(replicas: int, steps: int = STEPS, **options):
+    """The reference: DionReference on whole matrices with the replica-averaged gradients."""
+    return run_synthetic(DionReference, lambda i, t: t.clone(), replicas, 0, steps=steps, sync_grads_first=True,
+                         **options)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(6, 16, bias=False)
+        self.gate = nn.Linear(6, 16, bias=False)
+        self.down = nn.Linear(16, 6, bias=False)
+        self.out = nn.Linear(6, 3, bias=False)
+        self.gain = nn.Parameter(torch.ones(6))
+
+    def matrices(self) -> list[nn.Parameter]:
+        return [self.up.weight, self.gate.weight, self.down.weight, self.out.weight]
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x)) * torch.tanh(self.gate(x))
+        return (self.out(self.down(h) * self.gain) - target).square().mean()
+
+
+def model_batches():
+    generator = torch.Generator().manual_seed(7)
+    return [(torch.randn(16, 6, generator=generator, dtype=torch.float64),
+             torch.randn(16, 3, generator=generator, dtype=torch.float64)) for _ in range(STEPS)]
+
+
+def train_model(model: TinyMLP, cls, parts: int, part: int, **options) -> TinyMLP:
+    """STEPS steps on batch rows [part, part + 1) of `parts` equal slices (the whole batch when parts == 1)."""
+    groups = [dict(params=model.matrices()), dict(params=[model.gain], algorithm="lion", lr=0.01)]
+    optimizer = cls(groups, **OPTIONS, **options)
+    for x, target in model_batches():
+        rows = x.shape[0] // parts
+        optimizer.zero_grad()
+        model(x[part * rows:(part + 1) * rows], target[part * rows:(part + 1) * rows]).backward()
+        optimizer.step()
+    return model
+
+
+def model_scenario(shard, parts: int, part: int, **options) -> dict[str, float]:
+    """FSDP2-wrapped TinyMLP (shard(model) applies fully_shard) against the single-process run on the full batch."""
+    torch.manual_seed(0)
+    base = TinyMLP().double()
+    reference = train_model(copy.deepcopy(base), DionReference, 1, 0, rank_fraction=0.5)
+    result = {}
+    for cls in CLASSES:
+        model = copy.deepcopy(base)
+        shard(model)
+        train_model(model, cls, parts, part, rank_fraction=0.5, **options)
+        result[cls.__name__] = max_difference(model.parameters(), reference.parameters())
+    result["moved"] = max_difference(base.parameters(), reference.parameters())
+    return result
+
+
+def fully_shard_layers(mesh):
+    def shard(model: TinyMLP) -> None:
+        for layer in (model.up, model.gate, model.down, model.out):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return shard
+
+
+MESH_OPTIONS = ("replicate_mesh", "outer_shard_mesh", "inner_shard_mesh", "replicate_mesh_grad_sync")
+
+
+def synthetic_scenario(layout, replicas: int, replica: int, **options) -> dict[str, float]:
+    reference, _ = single_process(replicas, **{k: v for k, v in options.items() if k not in MESH_OPTIONS})
+    result = {}
+    for cls in CLASSES:
+        params, optimizer = run_synthetic(cls, layout, replicas, replica, **options)
+        result[cls.__name__] = max_difference(params, reference)
+    result["moved"] = max_difference([nn.Parameter(w) for w in initial_weights()], reference)
+    return result
+
+
+def replicas_agree(tensors: list[torch.Tensor], group) -> bool:
+    """Every rank of `group` holds the same values."""
+    same = True
+    for t in tensors:
+        t = full(t.detach()).contiguous()
+        gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, t, group=group)
+        same &= all(torch.equal(gathered[0], g) for g in gathered)
+    return same
+
+
+def two_ranks() -> dict:
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("x",))
+    world = dist.group.WORLD
+    plain = lambda i, t: t.clone()
+    results = {}
+    # DDP-style replicas (plain tensors), the optimizer syncs: rank fraction 0.25 -> compressed P/R for the 12 x 8
+    # and larger matrices; rank fraction 1 -> full-gradient all-reduce everywhere.
+    results["ddp_compressed"] = synthetic_scenario(plain, 2, rank, rank_fraction=0.25, replicate_mesh=world)
+    results["ddp_full_gradient"] = synthetic_scenario(plain, 2, rank, rank_fraction=1.0, replicate_mesh=mesh,
+                                                      qr_method="cqr", cqr_warmup_steps=1)
+    # Compressed P/R sync vs full-gradient sync (gradients averaged before the step, replicate_mesh_grad_sync off).
+    compressed, compressed_opt = run_synthetic(Dion, plain, 2, rank, rank_fraction=0.25, replicate_mesh=world)
+    synced, _ = run_synthetic(Dion, plain, 2, rank, rank_fraction=0.25, replicate_mesh=world,
+                              replicate_mesh_grad_sync=False, sync_grads_first=True)
+    momenta = [compressed_opt.state[p]["momentum"] for p in compressed]
+    momenta_differ = not replicas_agree(momenta[:1], world)
+    compressed_opt.synchronize_for_checkpoint()
+    _, reference_opt = single_process(2, rank_fraction=0.25)
+    results["compressed_vs_full_sync"] = dict(
+        params=max_difference(compressed, synced), replicas_agree=replicas_agree(compressed, world),
+        momenta_differ_before_sync=momenta_differ, momenta_agree_after_sync=replicas_agree(momenta, world),
+        synced_momentum=max_difference(momenta, [reference_opt.state[p]["momentum"]
+                                                 for p in reference_opt.param_groups[0]["params"]]))
+    # FSDP2 (outer) on a real model, uneven rows (6 and 3 rows over 2 ranks).
+    results["fsdp_model"] = model_scenario(fully_shard_layers(mesh), 2, rank, outer_shard_mesh=mesh)
+    # Outer sharding of either dimension, and TP (inner) sharding of either dimension.
+    outer = lambda i, t: distribute_tensor(t, mesh, [Shard(i % 2)])
+    results["fsdp_either_dim"] = synthetic_scenario(outer, 1, 0, outer_shard_mesh=mesh, qr_method="qr")
+    results["tp_either_dim"] = synthetic_scenario(outer, 1, 0, inner_shard_mesh=mesh)
+    return results
+
+
+def four_ranks() -> dict:
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "fs"))
+    replica, shard = mesh.get_coordinate()
+    results = {}
+    # HSDP: FSDP2 over fs, Dion syncs the dp replicas (compressed where it pays); each rank trains on a quarter.
+    results["hsdp_model"] = model_scenario(fully_shard_layers(mesh["fs"]), 4, 2 * replica + shard,
+                                           outer_shard_mesh=mesh["fs"], replicate_mesh=mesh["dp"])
+    # HSDP with FSDP2 syncing the replicas itself (2-D mesh, Replicate on dp): the optimizer must not sync again.
+    results["hsdp_synced_model"] = model_scenario(fully_shard_layers(mesh), 4, 2 * replica + shard,
+                                                  outer_shard_mesh=mesh["fs"], replicate_mesh=mesh["dp"],
+                                                  replicate_mesh_grad_sync=False)
+    # Replicate x outer on synthetic matrices, both dimensions sharded, compressed and full-gradient syncs mixed.
+    outer = lambda i, t: distribute_tensor(t, mesh["fs"], [Shard(i % 2)])
+    results["hsdp_synthetic"] = synthetic_scenario(outer, 2, replica, rank_fraction=0.5, outer_shard_mesh=mesh["fs"],
+                                                   replicate_mesh=mesh["dp"])
+    # FSDP2 + TP: outer shards one dimension, inner the other, both orientations.
+    grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("fs", "tp"))
+    two_d = lambda i, t: distribute_tensor(t, grid, [Shard(i % 2), Shard(1 - i % 2)])
+    for method in ("rcqr", "qr", "cqr"):
+        results[f"fsdp_tp_{method}"] = synthetic_scenario(two_d, 1, 0, outer_shard_mesh=grid["fs"],
+                                                          inner_shard_mesh=grid["tp"], qr_method=method,
+                                                          cqr_warmup_steps=1)
+    # A flattened (dp, fs) mesh as the outer mesh: FSDP2 over all 4 ranks (uneven shards: 10 and 14 rows of the
+    # synthetic matrices, the model's 6- and 3-row weights leave a rank empty).
+    flat = mesh["dp", "fs"]._flatten()
+    results["flattened_model"] = model_scenario(fully_shard_layers(flat), 4, dist.get_rank(), outer_shard_mesh=flat)
+    flat_layout = lambda i, t: distribute_tensor(t, flat, [Shard(0)])
+    results["flattened_synthetic"] = synthetic_scenario(flat_layout, 1, 0, outer_shard_mesh=flat)
+    # States are DTensors sharded like their parameter (momentum) and like the Q side (Q).
+    params, optimizer = run_synthetic(Dion, two_d, 1, 0, steps=1, outer_shard_mesh=grid["fs"],
+                                      inner_shard_mesh=grid["tp"])
+    states = [optimizer.state[p] for p in params]
+    results["states_are_sharded_dtensors"] = all(
+        isinstance(s["momentum"], DTensor) and s["momentum"].placements == p.placements
+        and isinstance(s["Q"], DTensor) and any(isinstance(pl, Shard) for pl in s["Q"].placements)
+        and not all(isinstance(pl, Replicate) for pl in s["Q"].placements) for s, p in zip(states, params))
+    return results
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    results = {"two": two_ranks, "four": four_ranks}[sys.argv[1]]()
+    if dist.get_rank() == 0:
+        with open(sys.argv[2], "w") as f:
+            json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
