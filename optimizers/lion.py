@@ -41,5 +41,5 @@ def build(ctx) -> Optimizer:
     kwargs = ctx.constructor_kwargs(Lion, lr=ctx.lr, betas=ctx.betas, weight_decay=ctx.weight_decay)
     if ctx.scalar_opt_explicit and ctx.scalar_opt != "lion":
         return ctx.with_scalar_optimizer(Lion(ctx.matrix_params, **kwargs))
-    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups(algorithm_key=False)
+    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups(algorithm_key=False, algorithm="lion")
     return Lion(groups, **kwargs)

@@ -35,6 +35,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lion": OptimizerSpec("optimizers.lion:build", supports_tensor_parallel=True, elementwise=True),
     "shampoo": OptimizerSpec("optimizers.shampoo:build"),
     "muon": OptimizerSpec("optimizers.muon:build"),
+    "dion_reference": OptimizerSpec("optimizers.dion_reference:build", syncs_replicate_grads=True,
+                                    supports_tensor_parallel=True),
+    "dion": OptimizerSpec("optimizers.dion:build", syncs_replicate_grads=True, supports_tensor_parallel=True),
+    "dion_async": OptimizerSpec("optimizers.dion_async:build", syncs_replicate_grads=True,
+                                supports_tensor_parallel=True),
     "sophia": OptimizerSpec("optimizers.sophia:build", elementwise=True),
     "schedule_free_adamw": OptimizerSpec("optimizers.schedule_free:build", elementwise=True),
     "prodigy": OptimizerSpec("optimizers.prodigy:build", elementwise=True),
@@ -110,13 +115,18 @@ class OptimizerContext:
     def all_params(self) -> list[Tensor]:
         return self.matrix_params + self.embedding_params + self.lm_head_params + self.vector_params
 
-    def scalar_param_groups(self, algorithm_key: bool = True) -> list[dict]:
-        """Groups for embeddings, vectors and the LM head. The LM head's LR is scaled by 1/sqrt(model_dim) when the
-        scalar algorithm is Lion (sign updates have unit size per entry, far too large for a d-wide dot product).
-        No weight decay on these groups. With algorithm_key the groups carry `algorithm` = scalar_opt, the
-        convention of optimizers with built-in scalar algorithms (Dion, Muon)."""
+    def scalar_param_groups(self, algorithm_key: bool = True, algorithm: str | None = None) -> list[dict]:
+        """Groups for embeddings, vectors and the LM head, without weight decay. The LM head's LR is scaled by
+        1/sqrt(model_dim) when the algorithm running these groups is Lion (sign updates have unit size per entry,
+        far too large for a d-wide dot product).
+
+        algorithm_key=True: the groups carry `algorithm` = scalar_opt, the convention of optimizers with built-in
+        scalar algorithms (Dion, Muon). `algorithm` names the optimizer that runs the groups when it is not
+        scalar_opt (an element-wise optimizer taking every parameter passes its own name)."""
+        if algorithm is None and (algorithm_key or self.scalar_opt_explicit):
+            algorithm = self.scalar_opt
         lr = self.scalar_lr if self.scalar_lr is not None else self.lr
-        head_lr = lr / math.sqrt(self.model_dim) if self.scalar_opt == "lion" else lr
+        head_lr = lr / math.sqrt(self.model_dim) if algorithm == "lion" else lr
         groups = [dict(params=self.vector_params, lr=lr, weight_decay=0.0),
                   dict(params=self.embedding_params, lr=lr, weight_decay=0.0),
                   dict(params=self.lm_head_params, lr=head_lr, weight_decay=0.0)]
@@ -129,7 +139,7 @@ class OptimizerContext:
     def scalar_optimizer(self) -> torch.optim.Optimizer | None:
         """A stand-alone AdamW or Lion over the scalar groups (for matrix optimizers without built-in scalar
         algorithms); combine with `optimizers.composite.CompositeOptimizer`."""
-        groups = self.scalar_param_groups(algorithm_key=False)
+        groups = self.scalar_param_groups(algorithm_key=False, algorithm=self.scalar_opt)
         if not groups:
             return None
         if self.scalar_opt == "adamw":
