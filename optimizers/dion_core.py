@@ -68,7 +68,8 @@ def _dtype(key: str, value: Any) -> torch.dtype | None:
         raise ValueError(f"dion: mixed_precision_config.{key}={value!r} is invalid; allowed: None or a floating "
                          f"dtype such as torch.bfloat16 / 'bfloat16'")
     if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dion: mixed_precision_config.{key}={value!r} is not a floating dtype")
+        raise ValueError(f"dion: mixed_precision_config.{key}={value!r} is invalid; allowed: None or a floating "
+                         f"dtype such as torch.bfloat16 / 'bfloat16'")
     return dtype
 
 
