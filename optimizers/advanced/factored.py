@@ -22,9 +22,12 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def effective_shape(numel: int) -> tuple[int, int]:
-    """(rows, cols) with rows * cols = numel, rows >= cols, and cols the largest divisor <= sqrt(numel)."""
-    if numel < 1:
-        raise ValueError(f"effective_shape: numel must be >= 1, got {numel}")
+    """(rows, cols) with rows * cols = numel, rows >= cols, and cols the largest divisor <= sqrt(numel); (0, 0) for
+    an empty tensor (an FSDP shard can be empty)."""
+    if numel < 0:
+        raise ValueError(f"effective_shape: numel must be >= 0, got {numel}")
+    if numel == 0:
+        return 0, 0
     for cols in range(math.isqrt(numel), 0, -1):
         if numel % cols == 0:
             return numel // cols, cols
@@ -34,17 +37,18 @@ def effective_shape(numel: int) -> tuple[int, int]:
 def pack_signs(negative: Tensor) -> Tensor:
     """(rows, cols) bool -> (rows, ceil(cols / 8)) uint8; bit j of byte k holds column 8 k + j."""
     rows, cols = negative.shape
-    padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.uint8, device=negative.device)
+    packed_cols = -(-cols // 8)
+    padded = torch.zeros(rows, packed_cols * 8, dtype=torch.uint8, device=negative.device)
     padded[:, :cols] = negative
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=negative.device)
-    return padded.view(rows, -1, 8).mul_(weights).sum(dim=-1, dtype=torch.uint8)
+    return padded.view(rows, packed_cols, 8).mul_(weights).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_signs(packed: Tensor, cols: int) -> Tensor:
     """Inverse of `pack_signs`: (rows, ceil(cols / 8)) uint8 -> (rows, cols) bool."""
     weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
     bits = packed.unsqueeze(-1).bitwise_and(weights).ne(0)
-    return bits.view(packed.shape[0], -1)[:, :cols]
+    return bits.view(packed.shape[0], packed.shape[1] * 8)[:, :cols]
 
 
 # Rank-1 non-negative factorization (the closed form of SMMF / Adafactor): with r = M 1 (row sums) and

@@ -1,6 +1,6 @@
 """torchrun worker (2 gloo ranks) for test_advanced_distributed.py; writes a JSON result to argv[1] on rank 0.
 
-1. DTensor parameters sharded by rows (Shard(0), uneven), by columns (Shard(1), as tensor parallelism does) and
+1. DTensor parameters sharded by rows (Shard(0), uneven, one shard empty), by columns (Shard(1), as tensor parallelism does) and
    replicated, stepped by every advanced optimizer with the features that need whole-tensor sums (OrthoGrad, the
    cautious mask, Prodigy's D-adaptation) next to the same optimizer on plain full tensors: max |difference|.
 2. An FSDP2 (fully_shard) model trained with the fused backward pass next to the single-process normal step on the
@@ -31,7 +31,9 @@ CASES = {
     Lion_Adv: dict(lr=1e-2, orthogonal_gradient=True, cautious_mask=True),
     Prodigy_Lion_Adv: dict(d0=1e-2, orthogonal_gradient=True, cautious_mask=True, slice_p=1),
 }
-LAYOUTS = [((9, 6), [Shard(0)]), ((6, 10), [Shard(1)]), ((7,), [Shard(0)]), ((4, 5), [Replicate()])]
+# (1, 4) by rows leaves rank 1 an empty shard.
+LAYOUTS = [((9, 6), [Shard(0)]), ((6, 10), [Shard(1)]), ((7,), [Shard(0)]), ((4, 5), [Replicate()]),
+           ((1, 4), [Shard(0)])]
 
 
 def full_values(seed: int) -> list[torch.Tensor]:

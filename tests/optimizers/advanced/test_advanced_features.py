@@ -36,13 +36,13 @@ def state_bytes(optimizer) -> int:
 
 # --- factored states ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("numel, expected", [(1, (1, 1)), (48, (8, 6)), (6144, (96, 64)), (13, (13, 1)),
+@pytest.mark.parametrize("numel, expected", [(0, (0, 0)), (1, (1, 1)), (48, (8, 6)), (6144, (96, 64)), (13, (13, 1)),
                                              (768 * 3072, (1536, 1536))])
 def test_effective_shape_is_the_most_square_factorization(numel, expected):
     assert effective_shape(numel) == expected
 
 
-@pytest.mark.parametrize("cols", [1, 7, 8, 13, 64])
+@pytest.mark.parametrize("cols", [0, 1, 7, 8, 13, 64])
 def test_sign_packing_round_trip(cols):
     generator = torch.Generator().manual_seed(cols)
     negative = torch.rand(9, cols, generator=generator) < 0.5
@@ -71,6 +71,17 @@ def test_factored_signed_moment_round_trip_of_a_rank1_magnitude():
     moment.init(state, param, param)
     moment.store(state, (magnitude * signs).view(6, 8))
     torch.testing.assert_close(moment.load(state, param.shape), (magnitude * signs).view(6, 8))
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_factored_states_accept_an_empty_tensor(cls):
+    # An FSDP shard can be empty (fewer rows than ranks).
+    empty, other = torch.nn.Parameter(torch.zeros(0, 5)), torch.nn.Parameter(torch.randn(3))
+    optimizer = cls([empty, other], factored=True)
+    for _ in range(2):
+        empty.grad, other.grad = torch.zeros(0, 5), torch.randn(3)
+        optimizer.step()
+    assert torch.isfinite(other).all()
 
 
 def test_factored_state_memory_is_vectors_plus_one_bit_per_entry():
