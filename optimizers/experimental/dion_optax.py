@@ -56,7 +56,7 @@ def orthonormalize_batch(P: jax.Array, valid: jax.Array, keys: jax.Array, use_cq
     """
     rows, rank = P.shape[-2:]
     householder = lambda: jax.vmap(householder_orthonormalize)(P)
-    if options.qr_method == "qr" or rows <= rank:
+    if options.qr_method == "qr":
         return householder()
 
     def with_fallback(Q, usable, fallback):
@@ -64,6 +64,8 @@ def orthonormalize_batch(P: jax.Array, valid: jax.Array, keys: jax.Array, use_cq
         return jax.lax.cond(jnp.any(needed), lambda: jnp.where(needed[:, None, None], fallback(), Q), lambda: Q)
 
     def rcqr():
+        if rows <= rank:
+            return householder()
         Q, usable = jax.vmap(randomized_cholesky_qr, in_axes=(0, 0, None))(P, keys, options.rcqr_oversample)
         return with_fallback(Q, usable, householder)
 

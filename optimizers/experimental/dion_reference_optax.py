@@ -171,10 +171,12 @@ def orthonormalize(P: jax.Array, qr_method: str, use_cqr: jax.Array, key: jax.Ar
     P = P.astype(jnp.float32)
     rows, rank = P.shape
     householder = lambda: householder_orthonormalize(P)
-    if qr_method == "qr" or rows <= rank:
+    if qr_method == "qr":
         return householder()
 
     def rcqr():
+        if rows <= rank:
+            return householder()
         Q, usable = randomized_cholesky_qr(P, key, oversample)
         return jax.lax.cond(usable, lambda: Q, householder)
 
