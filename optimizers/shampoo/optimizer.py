@@ -42,7 +42,7 @@ class DistributedShampoo(Optimizer):
     With preconditioning never started this is exactly SGD with momentum, AdaGrad, RMSprop or Adam(W).
 
     State per parameter: `step`, `exp_avg` (b1 > 0) and `grafting_state` (not SGD) in the parameter's dtype,
-    `factors` and, once preconditioning started, `root_inverses`: flat lists (block by block, one per dimension) in
+    `factors` and `root_inverses` (identity until first computed): flat lists (block by block, one per dimension) in
     factor_matrix_dtype. torch's load_state_dict casts state to the parameter dtype; the configured precision is
     restored on the next step (so float64 factors of float32 parameters resume from float32-rounded values).
 
@@ -146,8 +146,11 @@ class DistributedShampoo(Optimizer):
                 state["grafting_state"] = torch.zeros_like(grad)
             state["factors"] = [torch.zeros((d,) if is_diagonal else (d, d), dtype=factor_dtype, device=grad.device)
                                 for block in plan.blocks for d, is_diagonal in zip(block.shape, block.diagonal)]
+            # Allocated with the factors so that the state has its final structure from the first step on
+            # (torch.distributed.checkpoint loads into a template made by one step with zero gradients).
+            state["root_inverses"] = [_identity_like(factor) for factor in state["factors"]]
         for key in ("factors", "root_inverses"):
-            if key in state and state[key][0].dtype != factor_dtype:
+            if state[key][0].dtype != factor_dtype:
                 state[key] = [t.to(factor_dtype) for t in state[key]]
         state["step"] += 1
         step = int(state["step"])
@@ -167,33 +170,31 @@ class DistributedShampoo(Optimizer):
         """P = (L^ + eps I)^(-1/(2k)) for every factor of the requested parameters: diagonal factors here, matrices
         split across the ranks of the work group."""
         config = self.config
-        matrices, roots, epsilons, slots = [], [], [], []
+        matrices, roots, epsilons, targets = [], [], [], []
         for state, shape, group, step in requests:
             beta2 = group["betas"][1]
             scale = 1.0 / (1.0 - beta2 ** step) if config.bias_correction and beta2 < 1.0 else 1.0
-            factors = iter(state["factors"])
-            root_inverses = []
+            index = 0
             for block in self._plan(shape).blocks:
                 root = 2 * len(block.shape)
                 for is_diagonal in block.diagonal:
-                    factor = next(factors) * scale
+                    factor, target = state["factors"][index] * scale, state["root_inverses"][index]
+                    index += 1
                     if is_diagonal:
-                        root_inverses.append(diagonal_inverse_root(factor, root, group["epsilon"]))
+                        target.copy_(diagonal_inverse_root(factor, root, group["epsilon"]))
                     else:
-                        root_inverses.append(None)
                         matrices.append(factor)
                         roots.append(root)
                         epsilons.append(group["epsilon"])
-                        slots.append((root_inverses, len(root_inverses) - 1))
-            state["root_inverses"] = root_inverses
+                        targets.append(target)
 
         def compute(i: int) -> Tensor:
             return matrix_inverse_root(matrices[i], roots[i], epsilons[i], config.root_inverse_method,
                                        config.root_inverse_dtype.dtype, config.newton_max_iterations,
                                        config.newton_tolerance)
 
-        for (root_inverses, index), result in zip(slots, compute_shared(matrices, compute, self._work_group())):
-            root_inverses[index] = result
+        for target, result in zip(targets, compute_shared(matrices, compute, self._work_group())):
+            target.copy_(result)
 
     def _apply_update(self, p: Tensor, grad: Tensor, state: dict, group: dict, step: int) -> None:
         """Steps 2, 3, 5 and 6 of the class docstring."""
@@ -232,6 +233,13 @@ class DistributedShampoo(Optimizer):
             result[block.slices] = graft(shampoo, grafted_view[block.slices])
             offset += order
         return result.reshape(first_moment.shape)
+
+
+def _identity_like(factor: Tensor) -> Tensor:
+    """The identity preconditioner for a (d, d) factor matrix or a (d,) diagonal factor."""
+    if factor.ndim == 1:
+        return torch.ones_like(factor)
+    return torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:

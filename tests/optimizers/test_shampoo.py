@@ -7,10 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.testing import assert_close
 
 from optimizers import CompositeOptimizer, DistributedShampoo, GraftingType, OptimizerContext, build_optimizer
@@ -305,6 +308,39 @@ def test_state_dict_round_trip_continues_identically():
     optimizer.load_state_dict(checkpoint["optimizer"])
     run_steps(optimizer, resumed, range(3, 7))
     for a, b in zip(resumed, straight):
+        assert torch.equal(a, b)
+
+
+def test_distributed_checkpoint_round_trip_continues_identically(tmp_path):
+    """The path train.py takes: get_state_dict (which first steps a fresh optimizer with zero gradients to build
+    the template), dcp.save, dcp.load into a fresh template, set_state_dict."""
+    def model_and_optimizer(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+        return model, DistributedShampoo(model.parameters(), **RESUME_OPTIONS)
+
+    def train(model, optimizer, steps: range) -> None:
+        for step in steps:
+            inputs = random_tensors([(4, 6)], seed=step, dtype=torch.float32)[0]
+            optimizer.zero_grad()
+            model(inputs).square().mean().backward()
+            optimizer.step()
+
+    straight = model_and_optimizer(0)
+    train(*straight, range(6))
+    first = model_and_optimizer(0)
+    train(*first, range(3))
+    model_state, optimizer_state = get_state_dict(*first)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp_path))
+        resumed = model_and_optimizer(1)
+        model_state, optimizer_state = get_state_dict(*resumed)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    set_state_dict(*resumed, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    train(*resumed, range(3, 6))
+    for a, b in zip(resumed[0].parameters(), straight[0].parameters()):
         assert torch.equal(a, b)
 
 
