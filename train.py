@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 
@@ -271,6 +272,7 @@ def main(argv: list[str]) -> int:
         print_help()
         return 0
     env = None
+    is_main = os.environ.get("RANK", "0") == "0"
     try:
         config = build_config(argv)
         env = init_distributed(config)
@@ -278,11 +280,11 @@ def main(argv: list[str]) -> int:
             torch.autograd.set_detect_anomaly(True)
         run(config, env)
     except (ConfigError, ShardError, FileNotFoundError) as error:
-        if env is None or env.is_main:
+        if is_main:
             print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
-        if env is None or env.is_main:
+        if is_main:
             print(f"error: {error}", file=sys.stderr)
         return 3
     finally:

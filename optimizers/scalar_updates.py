@@ -19,6 +19,22 @@ def _same_dtype(*lists: list[Tensor]) -> bool:
     return all(t.dtype == dtype for tensors in lists for t in tensors)
 
 
+def _foreach_buckets(*lists: list[Tensor]):
+    """Split parallel lists into buckets that one foreach call can take: foreach kernels refuse to mix plain
+    tensors with DTensors (e.g. tensor-parallel matrices next to replicated embeddings) or DTensors of different
+    meshes."""
+    from torch.distributed.tensor import DTensor
+    buckets: dict[tuple, list[int]] = {}
+    for i, t in enumerate(lists[0]):
+        key = (id(t.device_mesh), t.placements) if isinstance(t, DTensor) else None
+        buckets.setdefault(key, []).append(i)
+    if len(buckets) == 1:
+        yield lists
+        return
+    for indices in buckets.values():
+        yield tuple([tensors[i] for i in indices] for tensors in lists)
+
+
 @torch.no_grad()
 def adamw_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  *, lr: float, beta1: float, beta2: float, weight_decay: float, epsilon: float, step: int) -> None:
@@ -29,6 +45,12 @@ def adamw_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     """
     if not params:
+        return
+    buckets = list(_foreach_buckets(params, grads, exp_avgs, exp_avg_sqs))
+    if len(buckets) > 1:
+        for bucket in buckets:
+            adamw_update(*bucket, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, epsilon=epsilon,
+                         step=step)
         return
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
@@ -68,6 +90,11 @@ def lion_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         m <- beta2 m + (1 - beta2) g
     """
     if not params:
+        return
+    buckets = list(_foreach_buckets(params, grads, exp_avgs))
+    if len(buckets) > 1:
+        for bucket in buckets:
+            lion_update(*bucket, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
         return
     if _same_dtype(params, grads, exp_avgs):
         updates = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
