@@ -72,8 +72,9 @@ def matrix_inverse_root_newton(matrix: Tensor, root: int, epsilon: float, max_it
     return x
 
 
-def matrix_inverse_root(matrix: Tensor, root: int, epsilon: float, method: RootInverseMethod, compute_dtype: torch.dtype,
-                        newton_max_iterations: int = 100, newton_tolerance: float = 1e-6) -> Tensor:
+def matrix_inverse_root(matrix: Tensor, root: int, epsilon: float, method: RootInverseMethod,
+                        compute_dtype: torch.dtype, newton_max_iterations: int = 100,
+                        newton_tolerance: float = 1e-6) -> Tensor:
     """(A + eps I)^(-1/p) computed in `compute_dtype` by `method`, returned in A's dtype."""
     work = matrix.to(compute_dtype)
     if method is RootInverseMethod.EIGEN:

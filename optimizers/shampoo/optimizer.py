@@ -263,5 +263,7 @@ def build(ctx) -> Optimizer:
         return ctx.with_scalar_optimizer(DistributedShampoo(ctx.matrix_params, **kwargs))
     others = ctx.embedding_params + ctx.lm_head_params + ctx.vector_params
     scalar_lr = ctx.scalar_lr if ctx.scalar_lr is not None else ctx.lr
-    groups = [dict(params=ctx.matrix_params)] + ([dict(params=others, lr=scalar_lr, weight_decay=0.0)] if others else [])
+    groups = [dict(params=ctx.matrix_params)]
+    if others:
+        groups.append(dict(params=others, lr=scalar_lr, weight_decay=0.0))
     return DistributedShampoo(groups, **kwargs)
