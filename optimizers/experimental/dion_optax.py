@@ -19,7 +19,6 @@ Same algorithm and options as `dion_reference_optax` (its slow twin, which the t
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -30,7 +29,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from optimizers.experimental.dion_reference_optax import (DionOptions, check_matrices, cholesky_qr, column_normalize,
                                                            householder_orthonormalize, initial_q, matrix_rank,
                                                            nonzero_and_finite, randomized_cholesky_qr, resolve_labels,
-                                                           seed_keys)
+                                                           seed_keys, update_scale)
 
 
 def _fp32(x: jax.Array) -> jax.Array:
@@ -85,7 +84,7 @@ def dion_batch_update(G: jax.Array, M: jax.Array, Q: jax.Array, keys: jax.Array,
     `dion_reference_optax.dion_direction`, with the replica averages of Algorithm 3 when replicate_axis is set:
 
         P = orth(mean_replicas(A Q));  R = mean_replicas(A^T P)       (power_iters times, Q <- R in between)
-        M <- B - (1 - mu) P R^T;  Q <- ColumnNormalize(R);  direction = sqrt(m / n) P Q^T
+        M <- B - (1 - mu) P R^T;  Q <- ColumnNormalize(R);  direction = sqrt(fan_out / fan_in) P Q^T
 
     A matrix whose averaged A Q is zero or non-finite keeps M and Q and gets a zero direction; every replica takes
     the same decision since it is made on the averaged P.
@@ -108,7 +107,7 @@ def dion_batch_update(G: jax.Array, M: jax.Array, Q: jax.Array, keys: jax.Array,
     feedback = P @ _swap(R)
     M_new = jnp.where(valid, B - (1.0 - options.mu) * (_swap(feedback) if transposed else feedback), M)
     update = P @ _swap(Q_new)
-    direction = math.sqrt(m / n) * (_swap(update) if transposed else update)
+    direction = update_scale((m, n), options.weight_layout) * (_swap(update) if transposed else update)
     return direction, M_new, Q_new
 
 
@@ -294,8 +293,8 @@ def dion(learning_rate: float | optax.Schedule, *, rank_fraction: float = 1.0, r
          weight_decay: float = 0.01, epsilon: float = 1e-8, power_iters: int = 1, cqr_warmup_steps: int = 150,
          rcqr_oversample: float = 1.25, scalar_algorithm: str = "adamw",
          scalar_learning_rate: float | optax.Schedule | None = None, scalar_weight_decay: float | None = None,
-         labels=None, seed: int = 0, momentum_dtype=None, q_dtype=None, variance_dtype=None,
-         replicate_axis: str | None = None) -> optax.GradientTransformation:
+         labels=None, weight_layout: str = "out_in", seed: int = 0, momentum_dtype=None, q_dtype=None,
+         variance_dtype=None, replicate_axis: str | None = None) -> optax.GradientTransformation:
     """Dion on the 2D leaves, AdamW or Lion on the rest: the options of `dion_reference_optax.dion`, plus
 
     momentum_dtype / q_dtype / variance_dtype: storage dtypes of the momenta (Dion, AdamW and Lion), of Dion's Q
@@ -306,7 +305,7 @@ def dion(learning_rate: float | optax.Schedule, *, rank_fraction: float = 1.0, r
     options = DionOptions(rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, mu=mu, betas=betas,
                           weight_decay=weight_decay, epsilon=epsilon, power_iters=power_iters, qr_method=qr_method,
                           cqr_warmup_steps=cqr_warmup_steps, rcqr_oversample=rcqr_oversample,
-                          scalar_algorithm=scalar_algorithm)
+                          scalar_algorithm=scalar_algorithm, weight_layout=weight_layout)
     scalar_lr = learning_rate if scalar_learning_rate is None else scalar_learning_rate
     scalar_wd = weight_decay if scalar_weight_decay is None else scalar_weight_decay
     beta1, beta2 = options.betas

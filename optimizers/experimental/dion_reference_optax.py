@@ -25,6 +25,9 @@ from jax.scipy.linalg import solve_triangular
 
 QR_METHODS = ("qr", "cqr", "rcqr")
 SCALAR_ALGORITHMS = ("adamw", "lion")
+# How a 2D leaf stores a linear map: (fan_out, fan_in) like torch.nn.Linear.weight, or (fan_in, fan_out) like a
+# flax.linen.Dense kernel. Only the update scale sqrt(fan_out / fan_in) depends on it.
+WEIGHT_LAYOUTS = ("out_in", "in_out")
 ALGORITHMS = ("dion", *SCALAR_ALGORITHMS)
 
 # Rows of the rcqr sketch are a multiple of this (the PyTorch reference's choice: full tiles on accelerators).
@@ -43,6 +46,7 @@ class DionOptions:
     column-norm floor of Dion's Q). power_iters: power-iteration steps per update. qr_method: "qr" (Householder),
     "cqr" (Cholesky QR; randomized Cholesky QR for the first cqr_warmup_steps steps and whenever the Cholesky factor
     fails) or "rcqr" (randomized Cholesky QR with a sketch of ceil(rcqr_oversample r / 128) * 128 rows).
+    weight_layout: "out_in" (PyTorch's nn.Linear.weight) or "in_out" (Flax's Dense kernel), for the update scale.
     """
     rank_fraction: float = 1.0
     rank_multiple_of: int = 1
@@ -55,6 +59,7 @@ class DionOptions:
     cqr_warmup_steps: int = 150
     rcqr_oversample: float = 1.25
     scalar_algorithm: str = "adamw"
+    weight_layout: str = "out_in"
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -74,6 +79,7 @@ class DionOptions:
             ("rcqr_oversample", self.rcqr_oversample >= 1.0, "a float >= 1"),
             ("scalar_algorithm", self.scalar_algorithm in SCALAR_ALGORITHMS,
              "one of " + ", ".join(SCALAR_ALGORITHMS)),
+            ("weight_layout", self.weight_layout in WEIGHT_LAYOUTS, "one of " + ", ".join(WEIGHT_LAYOUTS)),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -86,6 +92,12 @@ def matrix_rank(shape: tuple[int, int], rank_fraction: float, rank_multiple_of: 
     m, n = shape
     rank = rank_multiple_of * math.ceil(round(rank_fraction * min(m, n), 6) / rank_multiple_of)
     return min(rank, m, n)
+
+
+def update_scale(shape: tuple[int, int], weight_layout: str) -> float:
+    """sqrt(fan_out / fan_in): the update P Q^T then has unit spectral norm per unit input RMS."""
+    rows, columns = shape
+    return math.sqrt(rows / columns) if weight_layout == "out_in" else math.sqrt(columns / rows)
 
 
 def q_shape(shape: tuple[int, int], rank: int) -> tuple[int, int]:
@@ -206,7 +218,7 @@ def dion_direction(G: jax.Array, M: jax.Array, Q: jax.Array, key: jax.Array, use
     then
         M <- B - (1 - mu) P R^T                   (error feedback, in X's orientation)
         Q <- ColumnNormalize(R)                   (float32)
-        direction = sqrt(m / n) P Q^T             (in X's orientation)
+        direction = sqrt(fan_out / fan_in) P Q^T  (in X's orientation; sqrt(m / n) for "out_in" weights)
     The power iteration runs in the momentum's dtype. When A Q is zero or non-finite (B zero or non-finite) the
     step is skipped: M and Q are kept and the direction is zero.
     """
@@ -227,7 +239,7 @@ def dion_direction(G: jax.Array, M: jax.Array, Q: jax.Array, key: jax.Array, use
     feedback = P @ R.T
     M_new = jnp.where(valid, B - (1.0 - options.mu) * (feedback.T if transposed else feedback), M)
     update = P @ Q_new.astype(B.dtype).T
-    direction = math.sqrt(m / n) * (update.T if transposed else update)
+    direction = update_scale((m, n), options.weight_layout) * (update.T if transposed else update)
     return direction.astype(G.dtype), M_new.astype(M.dtype), Q_new.astype(Q.dtype)
 
 
@@ -306,17 +318,18 @@ def dion(learning_rate: float | optax.Schedule, *, rank_fraction: float = 1.0, r
          weight_decay: float = 0.01, epsilon: float = 1e-8, power_iters: int = 1, cqr_warmup_steps: int = 150,
          rcqr_oversample: float = 1.25, scalar_algorithm: str = "adamw",
          scalar_learning_rate: float | optax.Schedule | None = None, scalar_weight_decay: float | None = None,
-         labels=None, seed: int = 0) -> optax.GradientTransformation:
+         labels=None, weight_layout: str = "out_in", seed: int = 0) -> optax.GradientTransformation:
     """Dion on the 2D leaves, AdamW or Lion (`scalar_algorithm`) on the rest; see the module docstring.
 
     learning_rate (a float or an optax schedule of the step count) scales the Dion update; the scalar algorithm uses
     scalar_learning_rate and scalar_weight_decay (default: the Dion ones). labels: a pytree (or a function of the
-    params returning one) of "dion" / "adamw" / "lion" per leaf, as optax.partition takes.
+    params returning one) of "dion" / "adamw" / "lion" per leaf, as optax.partition takes. weight_layout: "out_in"
+    for (fan_out, fan_in) matrices (PyTorch's convention), "in_out" for Flax Dense kernels.
     """
     options = DionOptions(rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, mu=mu, betas=betas,
                           weight_decay=weight_decay, epsilon=epsilon, power_iters=power_iters, qr_method=qr_method,
                           cqr_warmup_steps=cqr_warmup_steps, rcqr_oversample=rcqr_oversample,
-                          scalar_algorithm=scalar_algorithm)
+                          scalar_algorithm=scalar_algorithm, weight_layout=weight_layout)
     scalar_lr = learning_rate if scalar_learning_rate is None else scalar_learning_rate
     scalar_wd = weight_decay if scalar_weight_decay is None else scalar_weight_decay
     beta1, beta2 = options.betas
