@@ -64,7 +64,7 @@ class Dion(DionBase):
 
     def _orthonormalized(self, P: Tensor, tasks: list[MatrixTask]) -> Collectives:
         """orth(P) for a stack of partial P = B Q (summed over the column shards and averaged over the replicas of a
-        compressed sync first). Returns P's dtype, NaN for matrices that cannot be orthonormalized."""
+        compressed sync first). Returns (P in P's dtype, (b,) bool valid), as `orthonormalize`."""
         head = tasks[0]
         layout = head.layout
         replicas = self._replicate_group if head.compressed else None
@@ -73,8 +73,8 @@ class Dion(DionBase):
         if owners is None:
             yield all_reduce(P, layout.column_group)
             yield from all_reduce_mean(P, replicas)
-            Q = yield from orthonormalize(P, head.qr_method, layout, seeds, self._rcqr_oversample)
-            return Q.to(P.dtype)
+            orthonormal, valid = yield from orthonormalize(P, head.qr_method, layout, seeds, self._rcqr_oversample)
+            return orthonormal.to(P.dtype), valid
         # Reduce-scatter + all-gather moves as much as an all-reduce, and each rank orthonormalizes only its share.
         count, world = len(tasks), group_size(owners)
         padded = world * -(-count // world)
@@ -88,11 +88,11 @@ class Dion(DionBase):
             mine.div_(group_size(replicas))
         share = padded // world
         start = group_rank(owners) * share
-        mine = yield from orthonormalize(mine, head.qr_method, layout,
-                                         [seeds[i] if i < count else None for i in range(start, start + share)],
-                                         self._rcqr_oversample)
-        full = yield from all_gather_batch(mine.to(P.dtype), owners)
-        return full[:count]
+        mine, valid = yield from orthonormalize(mine, head.qr_method, layout,
+                                                [seeds[i] if i < count else None for i in range(start, start + share)],
+                                                self._rcqr_oversample)
+        orthonormal, valid = yield from all_gather_batch(mine.to(P.dtype), valid.to(torch.uint8), group=owners)
+        return orthonormal[:count], valid[:count].bool()
 
     def _batch_update(self, tasks: list[MatrixTask]) -> Collectives:
         """Algorithm 1 for a stack of matrices with one batch key, in place on their params, momenta and Qs."""
@@ -112,12 +112,12 @@ class Dion(DionBase):
         Q = Q_old.to(B.dtype)
         replicas = self._replicate_group if head.compressed else None
         for _ in range(self._power_iters):
-            P = yield from self._orthonormalized(torch.bmm(A, Q), tasks)
+            P, valid = yield from self._orthonormalized(torch.bmm(A, Q), tasks)
             R = torch.bmm(A.mT, P)
             yield all_reduce(R, layout.row_group)
             yield from all_reduce_mean(R, replicas)
             Q = R
-        valid = torch.isfinite(P).flatten(1).all(1)[:, None, None]
+        valid = valid[:, None, None]
         P = torch.where(valid, P, 0.0)
 
         sq_norms = column_sq_norms(R)

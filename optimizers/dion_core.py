@@ -149,19 +149,16 @@ class MatrixTask:
                 self.mu, self.weight_decay, self.epsilon, self.qr_method, self.compressed)
 
 
-def _mark_invalid(P: Tensor, valid: Tensor) -> Tensor:
-    """NaN for the matrices of the stack that could not be orthonormalized; the callers test finiteness."""
-    return torch.where(valid[:, None, None], P, torch.nan)
-
-
 def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_seeds: list[int | None],
                    oversample: float) -> Collectives:
     """Orthonormal columns spanning P's (Algorithm 1, line "P_t = Orthogonalize(B_t Q_{t-1})").
 
     P: (b, local rows, r), already summed over the column shards and replicas; its rows may be sharded over
-    layout.row_group. Returns (b, local rows, r) in compute_dtype(P) (float32, or float64 for float64 P) whose
-    columns are orthonormal over all row shards, with NaN where a matrix of the stack is zero or non-finite.
-    sketch_seeds: one seed per matrix for rcqr (None: a zero sketch, for padding matrices)."""
+    layout.row_group. Returns (orthonormal P, valid): (b, local rows, r) in compute_dtype(P) (float32, or float64
+    for float64 P) whose columns are orthonormal over all row shards, and (b,) bool, False where a matrix of the stack
+    is zero or non-finite (its result is then meaningless). `valid` comes from quantities reduced over the row group,
+    so every rank of it agrees, including ranks whose shard has no rows. sketch_seeds: one seed per matrix for rcqr
+    (None: a zero sketch, for padding matrices)."""
     rows, _ = layout.algorithm_shape
     rank = P.shape[-1]
     start, length, _ = layout.rows
@@ -172,7 +169,7 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         valid = nonzero_and_finite(G)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
         if bool((usable | ~valid).all()):
-            return _mark_invalid(solve_right_upper(P, R), valid)
+            return solve_right_upper(P, R), valid
         qr_method = QRMethod.RCQR
     if qr_method is QRMethod.RCQR and rows > rank:
         k = sketch_rows(rank, oversample)
@@ -187,11 +184,9 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         yield all_reduce(G, layout.row_group)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
         if bool((usable | ~valid).all()):
-            return _mark_invalid(solve_right_upper(P1, R), valid)
+            return solve_right_upper(P1, R), valid
     full = yield from all_gather_rows(P, layout.row_group, layout.rows, rows)
-    valid = nonzero_and_finite(full)
-    Q = householder_orthonormalize(torch.where(valid[:, None, None], full, 0.0))
-    return _mark_invalid(Q[:, start:start + length], valid)
+    return householder_orthonormalize(full)[:, start:start + length], nonzero_and_finite(full)
 
 
 class DionBase(Optimizer, abc.ABC):

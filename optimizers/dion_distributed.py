@@ -192,11 +192,24 @@ def reduce_scatter_batch(stack: Tensor, group: ProcessGroup) -> Collectives:
     return out
 
 
-def all_gather_batch(stack: Tensor, group: ProcessGroup) -> Collectives:
-    """Concatenate every rank's stack (c x ...) along the batch dimension, in rank order."""
-    out = stack.new_empty((stack.shape[0] * group_size(group), *stack.shape[1:]))
-    yield _all_gather(out, stack.contiguous(), group=group, async_op=True)
-    return out
+class _AllWorks:
+    """Several pending collectives waited for as one."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+def all_gather_batch(*stacks: Tensor, group: ProcessGroup) -> Collectives:
+    """Concatenate every rank's stacks (c x ...) along the batch dimension, in rank order; all stacks travel at once.
+    Returns one gathered tensor per stack (a single tensor for a single stack)."""
+    outs = [stack.new_empty((stack.shape[0] * group_size(group), *stack.shape[1:])) for stack in stacks]
+    yield _AllWorks([_all_gather(out, stack.contiguous(), group=group, async_op=True)
+                     for out, stack in zip(outs, stacks)])
+    return outs[0] if len(outs) == 1 else outs
 
 
 def all_gather_rows(local: Tensor, group: ProcessGroup | None, rows: tuple[int, int, int], total: int) -> Collectives:
@@ -208,7 +221,7 @@ def all_gather_rows(local: Tensor, group: ProcessGroup | None, rows: tuple[int, 
     padded = local.new_zeros((local.shape[0], chunk, local.shape[2]))
     padded[:, :length] = local
     world = group_size(group)
-    gathered = yield from all_gather_batch(padded, group)
+    gathered = yield from all_gather_batch(padded, group=group)
     # (w b, chunk, r) -> (b, w chunk, r), then drop the padding rows of the short last shards.
     gathered = gathered.view(world, *padded.shape).permute(1, 0, 2, 3)
     return gathered.reshape(local.shape[0], world * chunk, local.shape[2])[:, :total]

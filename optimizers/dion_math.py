@@ -68,10 +68,10 @@ def gram(P: Tensor) -> Tensor:
 
 
 def nonzero_and_finite(T: Tensor) -> Tensor:
-    """Per matrix of a stack (..., a, b): True when every entry is finite and at least one is non-zero. Applied to
-    P, S P or P^T P it tells whether B Q (hence B) can be orthonormalized."""
-    flat = T.flatten(-2)
-    return torch.isfinite(flat).all(-1) & (flat != 0).any(-1)
+    """Per matrix of a stack (..., a, b): True when every entry is finite and at least one is non-zero (one pass: the
+    Frobenius norm is finite and positive). Applied to P, S P or P^T P it tells whether B Q can be orthonormalized."""
+    norm = torch.linalg.vector_norm(T, dim=(-2, -1))
+    return torch.isfinite(norm) & (norm > 0)
 
 
 def positive_diagonal_signs(R: Tensor) -> Tensor:

@@ -33,8 +33,12 @@ from optimizers.dion_reference import DionReference
 
 CLASSES = (DionReference, Dion, DionAsync)
 STEPS = 3
-# Repeated shapes fill batches (and pad DionAsync's shares); 10 and 14 rows split unevenly over 4 ranks.
-SHAPES = [(12, 8), (8, 12), (12, 8), (10, 10), (6, 14), (12, 8), (14, 6)]
+# Repeated shapes fill batches (and pad DionAsync's shares); 10, 14 and 5 rows split unevenly over 4 ranks, and the
+# 5 x 4 matrix leaves one rank without rows of P.
+SHAPES = [(12, 8), (8, 12), (12, 8), (10, 10), (6, 14), (12, 8), (14, 6), (5, 4)]
+NAN_MATRIX = len(SHAPES) - 1
+# The NaN goes into the last step, so that a rank that took it for a valid matrix still holds the damage at the end.
+LAST_STEP = STEPS - 1
 OPTIONS = dict(lr=0.05, weight_decay=0.1, mu=0.9)
 
 
@@ -43,7 +47,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def max_difference(xs, ys) -> float:
-    return max((full(x.detach()) - full(y.detach())).abs().max().item() for x, y in zip(xs, ys))
+    """Largest |x - y| over the tensors and over all ranks (replicated DTensors hold each rank's own copy); NaN
+    counts as infinite."""
+    worst = torch.stack([(full(x.detach()) - full(y.detach())).abs().max() for x, y in zip(xs, ys)])
+    worst = worst.nan_to_num(nan=torch.inf).max()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return worst.item()
 
 
 def initial_weights() -> list[torch.Tensor]:
@@ -51,24 +60,28 @@ def initial_weights() -> list[torch.Tensor]:
     return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
 
 
-def replica_gradient(step: int, replica: int, index: int) -> torch.Tensor:
+def replica_gradient(step: int, replica: int, index: int, nan_step: int | None = None) -> torch.Tensor:
+    """Gradient of matrix `index` on replica `replica`; at nan_step, NaN in row 0 of NAN_MATRIX (on one shard)."""
     generator = torch.Generator().manual_seed(1000 * step + 100 * replica + index)
-    return torch.randn(SHAPES[index], generator=generator, dtype=torch.float64)
+    grad = torch.randn(SHAPES[index], generator=generator, dtype=torch.float64)
+    if step == nan_step and index == NAN_MATRIX:
+        grad[0, 0] = torch.nan
+    return grad
 
 
 def run_synthetic(cls, layout, replicas: int, replica: int, steps: int = STEPS, sync_grads_first: bool = False,
-                  **options):
+                  nan_step: int | None = None, **options):
     """Train the SHAPES matrices for `steps` steps. layout(index, tensor) -> the distributed parameter (or the plain
-    tensor); the gradient of this rank is replica_gradient(step, replica, .) laid out the same way. With
+    tensor); the gradient of this rank is replica_gradient(step, replica, ., nan_step) laid out the same way. With
     sync_grads_first the gradients are averaged over the replicas here (the optimizer must not sync them)."""
     params = [nn.Parameter(layout(i, w)) for i, w in enumerate(initial_weights())]
     optimizer = cls(params, **OPTIONS, **options)
     for step in range(steps):
         for i, p in enumerate(params):
             if sync_grads_first:
-                grad = torch.stack([replica_gradient(step, d, i) for d in range(replicas)]).mean(0)
+                grad = torch.stack([replica_gradient(step, d, i, nan_step) for d in range(replicas)]).mean(0)
             else:
-                grad = replica_gradient(step, replica, i)
+                grad = replica_gradient(step, replica, i, nan_step)
             p.grad = layout(i, grad)
         optimizer.step()
     return params, optimizer
@@ -78,6 +91,10 @@ def single_process(replicas: int, steps: int = STEPS, **options):
     """The reference: DionReference on whole matrices with the replica-averaged gradients."""
     return run_synthetic(DionReference, lambda i, t: t.clone(), replicas, 0, steps=steps, sync_grads_first=True,
                          **options)
+
+
+def params_and_qs(params, optimizer) -> list[torch.Tensor]:
+    return list(params) + [optimizer.state[p]["Q"] for p in params]
 
 
 class TinyMLP(nn.Module):
@@ -142,11 +159,13 @@ MESH_OPTIONS = ("replicate_mesh", "outer_shard_mesh", "inner_shard_mesh", "repli
 
 
 def synthetic_scenario(layout, replicas: int, replica: int, **options) -> dict[str, float]:
-    reference, _ = single_process(replicas, **{k: v for k, v in options.items() if k not in MESH_OPTIONS})
+    """Parameters and Q states (gathered) of each class against the single-process run."""
+    reference = params_and_qs(*single_process(replicas, **{k: v for k, v in options.items()
+                                                           if k not in MESH_OPTIONS}))
     result = {}
     for cls in CLASSES:
-        params, optimizer = run_synthetic(cls, layout, replicas, replica, **options)
-        result[cls.__name__] = max_difference(params, reference)
+        result[cls.__name__] = max_difference(params_and_qs(*run_synthetic(cls, layout, replicas, replica, **options)),
+                                              reference)
     result["moved"] = max_difference([nn.Parameter(w) for w in initial_weights()], reference)
     return result
 
@@ -190,7 +209,8 @@ def two_ranks() -> dict:
     results["fsdp_model"] = model_scenario(fully_shard_layers(mesh), 2, rank, outer_shard_mesh=mesh)
     # Outer sharding of either dimension, and TP (inner) sharding of either dimension.
     outer = lambda i, t: distribute_tensor(t, mesh, [Shard(i % 2)])
-    results["fsdp_either_dim"] = synthetic_scenario(outer, 1, 0, outer_shard_mesh=mesh, qr_method="qr")
+    results["fsdp_either_dim"] = synthetic_scenario(outer, 1, 0, outer_shard_mesh=mesh, qr_method="qr",
+                                                    nan_step=LAST_STEP)
     results["tp_either_dim"] = synthetic_scenario(outer, 1, 0, inner_shard_mesh=mesh)
     return results
 
@@ -209,20 +229,20 @@ def four_ranks() -> dict:
     # Replicate x outer on synthetic matrices, both dimensions sharded, compressed and full-gradient syncs mixed.
     outer = lambda i, t: distribute_tensor(t, mesh["fs"], [Shard(i % 2)])
     results["hsdp_synthetic"] = synthetic_scenario(outer, 2, replica, rank_fraction=0.5, outer_shard_mesh=mesh["fs"],
-                                                   replicate_mesh=mesh["dp"])
+                                                   replicate_mesh=mesh["dp"], nan_step=LAST_STEP)
     # FSDP2 + TP: outer shards one dimension, inner the other, both orientations.
     grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("fs", "tp"))
     two_d = lambda i, t: distribute_tensor(t, grid, [Shard(i % 2), Shard(1 - i % 2)])
     for method in ("rcqr", "qr", "cqr"):
         results[f"fsdp_tp_{method}"] = synthetic_scenario(two_d, 1, 0, outer_shard_mesh=grid["fs"],
                                                           inner_shard_mesh=grid["tp"], qr_method=method,
-                                                          cqr_warmup_steps=1)
+                                                          cqr_warmup_steps=1, nan_step=LAST_STEP)
     # A flattened (dp, fs) mesh as the outer mesh: FSDP2 over all 4 ranks (uneven shards: 10 and 14 rows of the
     # synthetic matrices, the model's 6- and 3-row weights leave a rank empty).
     flat = mesh["dp", "fs"]._flatten()
     results["flattened_model"] = model_scenario(fully_shard_layers(flat), 4, dist.get_rank(), outer_shard_mesh=flat)
     flat_layout = lambda i, t: distribute_tensor(t, flat, [Shard(0)])
-    results["flattened_synthetic"] = synthetic_scenario(flat_layout, 1, 0, outer_shard_mesh=flat)
+    results["flattened_synthetic"] = synthetic_scenario(flat_layout, 1, 0, outer_shard_mesh=flat, nan_step=LAST_STEP)
     # States are DTensors sharded like their parameter (momentum) and like the Q side (Q).
     params, optimizer = run_synthetic(Dion, two_d, 1, 0, steps=1, outer_shard_mesh=grid["fs"],
                                       inner_shard_mesh=grid["tp"])

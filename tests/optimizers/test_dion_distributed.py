@@ -1,7 +1,9 @@
 """Dion under gloo (torchrun, 2 and 4 processes): every layout equals the single-process run on the full batch.
 
 The worker (tests/optimizers/dion_distributed_worker.py) runs DionReference, Dion and DionAsync in float64 on each
-layout and reports the largest absolute parameter difference from single-process DionReference after 3 steps.
+layout and reports the largest absolute difference of the parameters (and, for the synthetic layouts, of the Q
+states) from single-process DionReference after 3 steps; several synthetic layouts put a NaN in one shard of one
+gradient at the last step, which every rank must skip for that matrix, including a rank that holds no rows of it.
 Tolerance 1e-10: the runs differ only in summation order (sharded sums, all-reduces), ~1e-15 here, while the
 parameters move by ~0.1 (`moved`), so any missing or doubled reduction, wrong shard offset or wrong orientation fails.
 """
