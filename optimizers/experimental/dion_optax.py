@@ -138,23 +138,17 @@ def _as_auto_axes(function, args: tuple, out_like):
 def _replicated_on_mesh_of(x: jax.Array, like: jax.Array) -> jax.Array:
     """x replicated over the mesh that `like` is sharded on (unchanged when `like` has no mesh): the small Q
     matrices live on the same devices as their parameter, which jit and explicit-axis meshes require."""
-    sharding = like.sharding if isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer) else None
-    if isinstance(sharding, NamedSharding):
-        return jax.device_put(x, NamedSharding(sharding.mesh, PartitionSpec()))
-    abstract = jax.typeof(like).sharding
-    if sharding is None and not abstract.mesh.empty:
-        return jax.sharding.reshard(x, NamedSharding(abstract.mesh, PartitionSpec()))
+    if isinstance(like, jax.core.Tracer):
+        mesh = jax.typeof(like).sharding.mesh  # non-empty on meshes with explicit axes only
+        return x if mesh.empty else jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
+    if isinstance(like.sharding, NamedSharding):
+        return jax.device_put(x, NamedSharding(like.sharding.mesh, PartitionSpec()))
     return x
-
-
-def _zeros_like(x: jax.Array, dtype) -> jax.Array:
-    """Zeros with x's shape and sharding (jnp.zeros_like keeps a concrete or explicit sharding)."""
-    return jnp.zeros_like(x, dtype=dtype)
 
 
 def scale_by_dion(options: DionOptions, seed: int = 0, momentum_dtype=None, q_dtype=None,
                   replicate_axis: str | None = None) -> optax.GradientTransformation:
-    """The Dion direction sqrt(m/n) P Q^T of every leaf (all 2D), batched over same-shape leaves.
+    """The Dion direction sqrt(fan_out / fan_in) P Q^T of every leaf (all 2D), batched over same-shape leaves.
 
     State: step count, PRNG key, momentum (momentum_dtype, default: the leaf's dtype) and Q (q_dtype, default: the
     leaf's dtype). Q starts as in the reference (`initial_q`), so both implementations begin from the same Q.
@@ -165,7 +159,7 @@ def scale_by_dion(options: DionOptions, seed: int = 0, momentum_dtype=None, q_dt
     def init(params):
         check_matrices(params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        momentum = [_zeros_like(x, momentum_dtype or x.dtype) for x in leaves]
+        momentum = [jnp.zeros_like(x, dtype=momentum_dtype or x.dtype) for x in leaves]
         Q = [_replicated_on_mesh_of(initial_q(q_key, i, x.shape, matrix_rank(x.shape, options.rank_fraction,
                                                                              options.rank_multiple_of),
                                               q_dtype or x.dtype), x) for i, x in enumerate(leaves)]
@@ -250,7 +244,7 @@ def scale_by_adamw(beta1: float, beta2: float, epsilon: float, momentum_dtype=No
     """Adam moments stored in momentum_dtype and variance_dtype (default: the leaf's dtype), updated in float32."""
 
     def init(params):
-        zeros = lambda dtype: jax.tree_util.tree_map(lambda x: _zeros_like(x, dtype or x.dtype), params)
+        zeros = lambda dtype: jax.tree_util.tree_map(lambda x: jnp.zeros_like(x, dtype=dtype or x.dtype), params)
         return ScaleByAdamWState(jnp.zeros([], jnp.int32), zeros(momentum_dtype), zeros(variance_dtype))
 
     def update(updates, state, params=None):
@@ -273,7 +267,8 @@ def scale_by_lion(beta1: float, beta2: float, momentum_dtype=None,
     """Lion momentum stored in momentum_dtype (default: the leaf's dtype), updated in float32."""
 
     def init(params):
-        return ScaleByLionState(jax.tree_util.tree_map(lambda x: _zeros_like(x, momentum_dtype or x.dtype), params))
+        zeros = lambda x: jnp.zeros_like(x, dtype=momentum_dtype or x.dtype)
+        return ScaleByLionState(jax.tree_util.tree_map(zeros, params))
 
     def update(updates, state, params=None):
         del params

@@ -257,7 +257,7 @@ def check_matrices(params) -> None:
 
 
 def scale_by_dion(options: DionOptions, seed: int = 0) -> optax.GradientTransformation:
-    """The Dion direction sqrt(m/n) P Q^T of every leaf (all 2D). State: step count, momentum, Q.
+    """The Dion direction sqrt(fan_out / fan_in) P Q^T of every leaf (all 2D). State: step count, momentum, Q.
 
     The rcqr sketch of leaf i at step t is drawn from the sketch key of `seed_keys(seed)` folded with (t, i):
     deterministic, and identical on every device.
