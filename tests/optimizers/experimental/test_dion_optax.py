@@ -181,10 +181,11 @@ def test_in_out_layout_updates_the_transpose_like_out_in():
 
 # ------------------------------------------------------------------------------- optimized == reference == torch
 # Five steps on a tall, a wide and two square matrices with a linear learning-rate schedule, AdamW on the gain and
-# Lion on the bias. Householder QR at full rank; cqr (switching on after 2 warm-up steps) and rcqr at half rank, where
-# P is well conditioned (cqr's error grows as cond(P)^2: at full rank on the square matrices, XLA's and LAPACK's
-# roundings part by ~3e-5 after 5 steps).
+# Lion on the bias. Householder QR at full rank; cqr (switching on after 2 warm-up steps) and rcqr (with 2 power
+# iterations) at half rank, where P is well conditioned (cqr's error grows as cond(P)^2: at full rank on the square
+# matrices, XLA's and LAPACK's roundings part by ~3e-5 after 5 steps).
 COMPARED = {"qr": 1.0, "cqr": 0.5, "rcqr": 0.5}
+POWER_ITERS = {"qr": 1, "cqr": 1, "rcqr": 2}
 COMPARISON_SHAPES = {**SHAPES, "bias": (10,)}
 COMPARISON_LABELS = {"tall": "dion", "wide": "dion", "square_a": "dion", "square_b": "dion", "gain": "adamw",
                      "bias": "lion"}
@@ -193,7 +194,8 @@ SCHEDULE = optax.linear_schedule(0.02, 0.005, 5)
 
 def comparison_options(qr_method: str) -> dict:
     return dict(learning_rate=SCHEDULE, rank_fraction=COMPARED[qr_method], qr_method=qr_method, cqr_warmup_steps=2,
-                mu=0.9, weight_decay=0.1, scalar_learning_rate=0.003, labels=COMPARISON_LABELS)
+                power_iters=POWER_ITERS[qr_method], mu=0.9, weight_decay=0.1, scalar_learning_rate=0.003,
+                labels=COMPARISON_LABELS)
 
 
 def comparison_problem():
@@ -253,7 +255,7 @@ def test_matches_pytorch_dion_reference(implementation_name, qr_method):
          dict(params=[tensors["gain"]], algorithm="adamw", lr=0.003),
          dict(params=[tensors["bias"]], algorithm="lion", lr=0.003)],
         lr=0.02, mu=0.9, weight_decay=0.1, rank_fraction=options["rank_fraction"], qr_method=qr_method,
-        cqr_warmup_steps=2)
+        cqr_warmup_steps=2, power_iters=options["power_iters"])
     for name in matrices:
         optimizer.state[tensors[name]]["Q"] = torch.tensor(np.asarray(dion_state(initial_state).Q[name]))
         optimizer.state[tensors[name]]["momentum"] = torch.zeros(COMPARISON_SHAPES[name])
