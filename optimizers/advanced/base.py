@@ -12,7 +12,7 @@ the base class owns everything else, once for the whole family:
 Fused backward pass: `register_fused_backward_hooks()` runs that per-parameter update in a
 `register_post_accumulate_grad_hook` hook as soon as the parameter's gradient is ready and then frees the gradient,
 so full gradients never coexist in memory. `step()` then only finishes per-step bookkeeping (`_finish_step`, e.g.
-Prodigy's D estimate); it never updates a parameter a second time. Incompatible with gradient accumulation (the hook
+Prodigy's D estimate): it steps only parameters that still hold a gradient, so none is updated a second time. Incompatible with gradient accumulation (the hook
 would step on every micro-batch); train.py refuses that combination.
 """
 from __future__ import annotations
@@ -153,11 +153,13 @@ class AdvancedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._fused_hook_handles:
-            for group in self.param_groups:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        self._update_parameter(param, group)
+        # With fused backward hooks the hooks have already stepped and freed every gradient of the backward pass;
+        # a gradient still present was set by hand (e.g. torch.distributed.checkpoint initializing the state with
+        # zero gradients and lr 0) and is stepped here.
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update_parameter(param, group)
         self._finish_step()
         return loss
 

@@ -68,6 +68,23 @@ def test_fused_backward_gives_the_same_parameters_as_the_normal_step(cls):
     assert normal_optimizer.param_groups[0].get("d") == pytest.approx(fused_optimizer.param_groups[0].get("d"))
 
 
+def test_step_with_hooks_registered_initializes_state_from_gradients_set_by_hand():
+    # torch.distributed.checkpoint's get_state_dict fills an empty optimizer state by setting zero gradients and
+    # calling step() with lr 0; that must create the state (and change nothing) even with the hooks registered.
+    model = small_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = Prodigy_Adv(model.parameters(), factored=True)
+    optimizer.register_fused_backward_hooks()
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert len(optimizer.state) == len(before)
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+
+
 def test_fused_backward_hooks_cannot_be_registered_twice():
     optimizer = Adam_Adv(small_model().parameters())
     optimizer.register_fused_backward_hooks()
