@@ -25,10 +25,10 @@ from jax.scipy.linalg import solve_triangular
 
 QR_METHODS = ("qr", "cqr", "rcqr")
 SCALAR_ALGORITHMS = ("adamw", "lion")
+ALGORITHMS = ("dion", *SCALAR_ALGORITHMS)
 # How a 2D leaf stores a linear map: (fan_out, fan_in) like torch.nn.Linear.weight, or (fan_in, fan_out) like a
 # flax.linen.Dense kernel. Only the update scale sqrt(fan_out / fan_in) depends on it.
 WEIGHT_LAYOUTS = ("out_in", "in_out")
-ALGORITHMS = ("dion", *SCALAR_ALGORITHMS)
 
 # Rows of the rcqr sketch are a multiple of this (the PyTorch reference's choice: full tiles on accelerators).
 SKETCH_ROW_MULTIPLE = 128
@@ -45,7 +45,9 @@ class DionOptions:
     min(m, n). mu: momentum decay of the error feedback. betas, epsilon: AdamW/Lion coefficients (epsilon is also the
     column-norm floor of Dion's Q). power_iters: power-iteration steps per update. qr_method: "qr" (Householder),
     "cqr" (Cholesky QR; randomized Cholesky QR for the first cqr_warmup_steps steps and whenever the Cholesky factor
-    fails) or "rcqr" (randomized Cholesky QR with a sketch of ceil(rcqr_oversample r / 128) * 128 rows).
+    fails or is ill-conditioned) or "rcqr" (randomized Cholesky QR with a sketch of ceil(rcqr_oversample r / 128) 128
+    rows; Householder QR when its Cholesky factor fails). scalar_algorithm: "adamw" or "lion" for unlabelled non-2D
+    leaves.
     weight_layout: "out_in" (PyTorch's nn.Linear.weight) or "in_out" (Flax's Dense kernel), for the update scale.
     """
     rank_fraction: float = 1.0
@@ -291,7 +293,7 @@ def scale_by_dion(options: DionOptions, seed: int = 0) -> optax.GradientTransfor
 
 
 def default_labels(params, scalar_algorithm: str):
-    """"dion" for 2D leaves, scalar_algorithm for every other leaf."""
+    """The label "dion" for 2D leaves, scalar_algorithm for every other leaf."""
     return jax.tree_util.tree_map(lambda x: "dion" if jnp.ndim(x) == 2 else scalar_algorithm, params)
 
 
