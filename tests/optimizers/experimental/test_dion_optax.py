@@ -334,12 +334,13 @@ def test_replica_state_specs_put_only_dion_momentum_on_the_replica_axis():
     assert adamw_specs.exp_avg["gain"] == PartitionSpec() and adamw_specs.exp_avg_sq["gain"] == PartitionSpec()
 
 
+@pytest.mark.slow
 def test_four_cpu_devices_match_one_device():
     # multi_device_run.py (own process: the device count is fixed when JAX starts) trains an MLP for 4 steps with
     # rcqr on 1 device and on 4: parameters sharded over a 2 x 2 (data, model) mesh with the batch on the data axis,
     # with automatic and with explicit mesh axes; and 4 data-parallel replicas under shard_map, each with its own
     # gradient, Dion averaging P and R. float32 reductions run in another order: 1e-5 (observed ~2e-6) on
-    # parameters that move by ~0.2.
+    # parameters that move by ~0.2. About 15 s of CPU, mostly compilation of the four layouts.
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("multi_device_run.py")), "rcqr"],
                             capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
