@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from optimizers.dion_core import DionBase, MatrixTask, build_dion, orthonormalize
-from optimizers.dion_distributed import (Collectives, all_gather_batch, all_reduce, all_reduce_mean, group_rank,
-                                         group_size, reduce_scatter_batch, run_blocking)
+from optimizers.dion_distributed import (Collectives, all_gather_batch, all_reduce, all_reduce_mean, group_size,
+                                         reduce_scatter_batch, run_blocking)
 from optimizers.dion_math import column_normalize, column_sq_norms, update_scale
 
 
@@ -68,12 +68,12 @@ class Dion(DionBase):
         head = tasks[0]
         layout = head.layout
         replicas = self._replicate_group if head.compressed else None
-        seeds = [task.sketch_seed for task in tasks]
         owners = self._owner_group(head)
         if owners is None:
             yield all_reduce(P, layout.column_group)
             yield from all_reduce_mean(P, replicas)
-            orthonormal, valid = yield from orthonormalize(P, head.qr_method, layout, seeds, self._rcqr_oversample)
+            orthonormal, valid = yield from orthonormalize(P, head.qr_method, layout, head.sketch_seed,
+                                                           self._rcqr_oversample)
             return orthonormal.to(P.dtype), valid
         # Reduce-scatter + all-gather moves as much as an all-reduce, and each rank orthonormalizes only its share.
         count, world = len(tasks), group_size(owners)
@@ -86,11 +86,7 @@ class Dion(DionBase):
                 yield all_reduce(mine, group)
         if replicas is not None:
             mine.div_(group_size(replicas))
-        share = padded // world
-        start = group_rank(owners) * share
-        mine, valid = yield from orthonormalize(mine, head.qr_method, layout,
-                                                [seeds[i] if i < count else None for i in range(start, start + share)],
-                                                self._rcqr_oversample)
+        mine, valid = yield from orthonormalize(mine, head.qr_method, layout, head.sketch_seed, self._rcqr_oversample)
         orthonormal, valid = yield from all_gather_batch(mine.to(P.dtype), valid.to(torch.uint8), group=owners)
         return orthonormal[:count], valid[:count].bool()
 

@@ -11,8 +11,10 @@ same-shape batches, or in batches whose communication overlaps); everything else
 - `orthonormalize`, the distributed QR step used by all three.
 
 Random numbers are reproducible and identical on every rank: matrix i (its position in the param groups) starts from
-Q_0 drawn with seed i, and its rcqr sketch at step t is drawn with seed (t << 20) + i. A sharded Q is the local slice
-of that full matrix, so every layout starts from the same Q as a single process.
+Q_0 drawn with seed i, and the rcqr sketch of the matrices with m rows (of Dion's orientation) at step t is drawn with
+seed t * 2^32 + m: one sketch per step and row count, shared by a whole batch (the result of rcqr does not depend on
+the sketch, which only has to embed P's column space well). A sharded Q or sketch is the local slice of the full
+matrix, so every layout computes what a single process computes.
 """
 from __future__ import annotations
 
@@ -29,12 +31,11 @@ from torch.optim import Optimizer
 from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
                                          as_like, group_size, local_tensor, matrix_layout, process_group, q_placements,
                                          run_blocking)
-from optimizers.dion_math import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize, initial_q,
-                                  low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
+from optimizers.dion_math import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize,
+                                  initial_q, low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
                                   solve_right_upper)
 from optimizers.scalar_updates import adamw_update, lion_update
 
-_SKETCH_STEP_SHIFT = 20  # sketch seed = (step << 20) + matrix index: distinct for up to 2^20 matrices
 
 
 class Algorithm(str, Enum):
@@ -123,7 +124,6 @@ def _check_group_options(group: dict) -> None:
 @dataclass
 class MatrixTask:
     """One Dion matrix for one step: local shards (views of the parameter and its states) plus its options."""
-    index: int
     param: Tensor
     grad: Tensor
     momentum: Tensor
@@ -139,7 +139,7 @@ class MatrixTask:
 
     @property
     def sketch_seed(self) -> int:
-        return (self.step << _SKETCH_STEP_SHIFT) + self.index
+        return (self.step << 32) + self.layout.algorithm_shape[0]
 
     def batch_key(self) -> tuple:
         """Matrices with equal keys are updated together (same shapes, sharding, dtypes and options)."""
@@ -149,7 +149,7 @@ class MatrixTask:
                 self.mu, self.weight_decay, self.epsilon, self.qr_method, self.compressed)
 
 
-def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_seeds: list[int | None],
+def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_seed: int,
                    oversample: float) -> Collectives:
     """Orthonormal columns spanning P's (Algorithm 1, line "P_t = Orthogonalize(B_t Q_{t-1})").
 
@@ -157,8 +157,8 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
     layout.row_group. Returns (orthonormal P, valid): (b, local rows, r) in compute_dtype(P) (float32, or float64
     for float64 P) whose columns are orthonormal over all row shards, and (b,) bool, False where a matrix of the stack
     is zero or non-finite (its result is then meaningless). `valid` comes from quantities reduced over the row group,
-    so every rank of it agrees, including ranks whose shard has no rows. sketch_seeds: one seed per matrix for rcqr
-    (None: a zero sketch, for padding matrices)."""
+    so every rank of it agrees, including ranks whose shard has no rows. sketch_seed: the seed of the rcqr sketch,
+    one k x m Gaussian applied to every matrix of the stack."""
     rows, _ = layout.algorithm_shape
     rank = P.shape[-1]
     start, length, _ = layout.rows
@@ -173,10 +173,8 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         qr_method = QRMethod.RCQR
     if qr_method is QRMethod.RCQR and rows > rank:
         k = sketch_rows(rank, oversample)
-        sketches = [P.new_zeros((k, length)) if seed is None else
-                    gaussian_sketch(k, rows, seed, P.device, P.dtype)[:, start:start + length]
-                    for seed in sketch_seeds]
-        SP = torch.stack(sketches) @ P
+        sketch = gaussian_sketch(k, rows, sketch_seed, P.device, P.dtype)[:, start:start + length]
+        SP = sketch @ P
         yield all_reduce(SP, layout.row_group)
         valid = nonzero_and_finite(SP)
         P1 = solve_right_upper(P, sketch_triangular_factor(torch.where(valid[:, None, None], SP, 0.0)))
@@ -331,10 +329,9 @@ class DionBase(Optimizer, abc.ABC):
         if qr_method is QRMethod.CQR and group["step"] <= self._cqr_warmup_steps:
             qr_method = QRMethod.RCQR  # Cholesky QR only once the momentum is well-conditioned
         rank = state["Q"].shape[1]
-        return MatrixTask(index=self._index[p], param=local_tensor(p), grad=local_tensor(grad),
-                          momentum=local_tensor(state["momentum"]), Q=local_tensor(state["Q"]), layout=layout,
-                          lr=group["lr"], mu=group["mu"], weight_decay=group["weight_decay"],
-                          epsilon=group["epsilon"], qr_method=qr_method,
+        return MatrixTask(param=local_tensor(p), grad=local_tensor(grad), momentum=local_tensor(state["momentum"]),
+                          Q=local_tensor(state["Q"]), layout=layout, lr=group["lr"], mu=group["mu"],
+                          weight_decay=group["weight_decay"], epsilon=group["epsilon"], qr_method=qr_method,
                           compressed=layout.compressed(self._replicate_group, rank), step=group["step"])
 
     # ------------------------------------------------------------------------------------------ scalar algorithms

@@ -63,10 +63,6 @@ def group_size(group: ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def group_rank(group: ProcessGroup | None) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
 def local_tensor(tensor: Tensor) -> Tensor:
     """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -137,8 +133,8 @@ def matrix_layout(param: Tensor, outer_group: ProcessGroup | None, inner_group: 
                                  f"inner_shard_mesh")
             dim = placement.dim
             if dim_groups[dim] is not None:
-                raise ValueError(f"dion: tensor dimension {dim} of a parameter of shape {tuple(param.shape)} is sharded "
-                                 f"over two mesh dimensions; shard each dimension over at most one mesh")
+                raise ValueError(f"dion: tensor dimension {dim} of a parameter of shape {tuple(param.shape)} is "
+                                 f"sharded over two mesh dimensions; shard each dimension over at most one mesh")
             size = param.shape[dim]
             parts = mesh.size(mesh_dim)
             start, length = _chunk(size, parts, mesh.get_local_rank(mesh_dim))

@@ -44,7 +44,7 @@ def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None
         P = A @ Q
         yield all_reduce(P, layout.column_group)
         yield from all_reduce_mean(P, compressed_group)
-        P, valid = yield from orthonormalize(P[None], task.qr_method, layout, [task.sketch_seed], oversample)
+        P, valid = yield from orthonormalize(P[None], task.qr_method, layout, task.sketch_seed, oversample)
         P, valid = P[0].to(B.dtype), valid[0]
         R = A.T @ P
         yield all_reduce(R, layout.row_group)

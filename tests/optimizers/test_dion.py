@@ -101,7 +101,7 @@ def test_orthonormalize_gives_orthonormal_p_with_the_same_span_for_each_qr_metho
     generator = torch.Generator().manual_seed(2)
     P = torch.randn((3, 40, 6), generator=generator, dtype=dtype)
     layout = single_layout((40, 30))
-    out, valid = run_blocking(orthonormalize(P, qr_method, layout, [1, 2, 3], oversample=1.25))
+    out, valid = run_blocking(orthonormalize(P, qr_method, layout, sketch_seed=1, oversample=1.25))
     assert valid.all()
     eye = torch.eye(6, dtype=out.dtype)
     assert (out.mT @ out - eye).abs().max() < tolerance
@@ -115,7 +115,8 @@ def test_orthonormalize_gives_orthonormal_p_with_the_same_span_for_each_qr_metho
 def test_cholesky_methods_fall_back_on_rank_deficient_p_and_stay_orthonormal(qr_method):
     generator = torch.Generator().manual_seed(3)
     low_rank = torch.randn((2, 40, 2), generator=generator) @ torch.randn((2, 2, 6), generator=generator)
-    out, valid = run_blocking(orthonormalize(low_rank, qr_method, single_layout((40, 30)), [1, 2], oversample=1.25))
+    out, valid = run_blocking(orthonormalize(low_rank, qr_method, single_layout((40, 30)), sketch_seed=1,
+                                             oversample=1.25))
     assert valid.all()
     assert (out.mT @ out - torch.eye(6)).abs().max() < 1e-5
     # The first two columns still span the columns of P.
@@ -128,7 +129,7 @@ def test_orthonormalize_flags_zero_and_non_finite_matrices_as_invalid(qr_method)
     P = torch.randn((3, 20, 4), generator=torch.Generator().manual_seed(4))
     P[1] = 0.0
     P[2, 3, 1] = torch.inf
-    out, valid = run_blocking(orthonormalize(P, qr_method, single_layout((20, 10)), [1, 2, 3], oversample=1.25))
+    out, valid = run_blocking(orthonormalize(P, qr_method, single_layout((20, 10)), sketch_seed=1, oversample=1.25))
     assert valid.tolist() == [True, False, False]
     assert (out[0].mT @ out[0] - torch.eye(4)).abs().max() < 1e-5
 
