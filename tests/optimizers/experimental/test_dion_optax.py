@@ -1,6 +1,6 @@
 """optax Dion (optimizers/experimental): closed-form single steps, orthonormalization, option errors, the optimized
-version against the reference, mixed precision, schedules, no recompilation under jit, a Flax model, and 4 CPU
-devices (sharded and data-parallel replicas) against one."""
+version against the reference and both against the PyTorch DionReference, mixed precision, no recompilation under
+jit, a Flax model, and 4 CPU devices (sharded and data-parallel replicas) against one."""
 from __future__ import annotations
 
 import functools
@@ -41,7 +41,9 @@ def make_dion(implementation, **options):
     """implementation.dion(**options), one object per distinct options, so that tests sharing options share the
     compiled update (compilation dominates the run time of these tests)."""
     key = (implementation.__name__, repr(sorted(options.items())))
-    return _OPTIMIZERS.setdefault(key, implementation.dion(**options))
+    if key not in _OPTIMIZERS:
+        _OPTIMIZERS[key] = implementation.dion(**options)
+    return _OPTIMIZERS[key]
 
 
 def run(tx, params, grads_list, state=None):
