@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from optimizers.advanced.sharding import local_tensor
+from optimizers.advanced.sharding import local_tensor, per_shard_state, read_prefix, write_prefix
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+@lru_cache(maxsize=None)
 def effective_shape(numel: int) -> tuple[int, int]:
     """(rows, cols) with rows * cols = numel, rows >= cols, and cols the largest divisor <= sqrt(numel); (0, 0) for
     an empty tensor (an FSDP shard can be empty)."""
@@ -67,8 +69,9 @@ def reconstruct_rank1(row: Tensor, col: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Moment:
     """One moment of an optimizer (e.g. "exp_avg"), stored in `state` densely (same shape and dtype as the
-    parameter, a DTensor for a DTensor parameter) or factored (state keys `<name>_row`, `<name>_col` and, when
-    signed, `<name>_sign`; factors describe the local shard).
+    parameter, a DTensor for a DTensor parameter) or factored: float32 vectors `<name>_row` and `<name>_col` and,
+    when signed, the packed signs `<name>_sign` (uint8, flattened (rows, ceil(cols / 8))), all describing the local
+    shard in `per_shard_state` buffers.
 
     `load` returns a float32 working tensor shaped like the local shard, `store` writes it back. For a dense
     float32 moment the working tensor is the state itself, so updating it in place already stores it."""
@@ -76,32 +79,32 @@ class Moment:
     signed: bool
     factored: bool
 
-    def keys(self) -> tuple[str, ...]:
-        if not self.factored:
-            return (self.name,)
-        return (f"{self.name}_row", f"{self.name}_col") + ((f"{self.name}_sign",) if self.signed else ())
-
     def init(self, state: dict, param: Tensor, local: Tensor) -> None:
         if not self.factored:
             state[self.name] = torch.zeros_like(param, memory_format=torch.preserve_format)
             return
         rows, cols = effective_shape(local.numel())
-        state[f"{self.name}_row"] = torch.zeros(rows, dtype=torch.float32, device=local.device)
-        state[f"{self.name}_col"] = torch.zeros(cols, dtype=torch.float32, device=local.device)
+        keys, lengths = [f"{self.name}_row", f"{self.name}_col"], [rows, cols]
         if self.signed:
-            state[f"{self.name}_sign"] = torch.zeros(rows, -(-cols // 8), dtype=torch.uint8, device=local.device)
+            keys.append(f"{self.name}_sign")
+            lengths.append(rows * -(-cols // 8))
+        dtypes = [torch.float32, torch.float32, torch.uint8][:len(keys)]
+        state.update(zip(keys, per_shard_state(param, lengths, dtypes)))
 
     def load(self, state: dict, local_shape: torch.Size) -> Tensor:
         if not self.factored:
             dense = local_tensor(state[self.name])
             return dense if dense.dtype == torch.float32 else dense.float()
+        rows, cols = effective_shape(math.prod(local_shape))
         # A container that casts floating state to the parameter's dtype on load (CompositeOptimizer does, through
         # torch's Optimizer.load_state_dict) hands back factors in that dtype and signs as floats: byte values are
         # exact in every floating dtype, so the conversions below are lossless for the signs.
-        row, col = state[f"{self.name}_row"].float(), state[f"{self.name}_col"].float()
+        row = read_prefix(state, f"{self.name}_row", rows).float()
+        col = read_prefix(state, f"{self.name}_col", cols).float()
         working = reconstruct_rank1(row, col)
         if self.signed:
-            negative = unpack_signs(state[f"{self.name}_sign"].to(torch.uint8), col.numel())
+            packed = read_prefix(state, f"{self.name}_sign", rows * -(-cols // 8)).to(torch.uint8)
+            negative = unpack_signs(packed.view(rows, -(-cols // 8)), cols)
             working = torch.where(negative, working.neg(), working)
         return working.view(local_shape)
 
@@ -111,10 +114,10 @@ class Moment:
             if dense is not working:
                 dense.copy_(working)
             return
-        rows, cols = state[f"{self.name}_row"].numel(), state[f"{self.name}_col"].numel()
-        matrix = working.reshape(rows, cols)
+        matrix = working.reshape(effective_shape(working.numel()))
         if self.signed:
-            state[f"{self.name}_sign"] = pack_signs(matrix < 0)
+            write_prefix(state, f"{self.name}_sign", pack_signs(matrix < 0))
             matrix = matrix.abs()
-        state[f"{self.name}_row"], state[f"{self.name}_col"] = factorize_rank1(matrix)
-
+        row, col = factorize_rank1(matrix)
+        write_prefix(state, f"{self.name}_row", row)
+        write_prefix(state, f"{self.name}_col", col)

@@ -7,12 +7,14 @@ import math
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from optimizers.advanced.base import (AdvancedOptimizer, UpdateResult, check_ademamix_options, check_common_options,
                                       check_option)
 from optimizers.advanced.factored import Moment
 from optimizers.advanced.features import Features
-from optimizers.advanced.sharding import ShardReducer, local_tensor, shard_groups
+from optimizers.advanced.sharding import (ShardReducer, local_tensor, per_shard_state, read_prefix, shard_groups,
+                                          write_prefix)
 from optimizers.advanced.transforms import lion_direction_, normalize
 
 
@@ -39,8 +41,9 @@ class DAdaptation(AdvancedOptimizer):
     Ordering: parameters are updated with the d of the previous step and d is re-estimated after all of them (so
     that each parameter can be updated in its own backward hook). prodigyopt re-estimates d before the updates but
     still steps with the previous d; the only difference is that its denominator sqrt(v) + eps d uses the new d.
-    State per parameter adds `s` and `p0` (the initial parameter, sliced; a scalar 0 when it started all zero),
-    both over the local shard."""
+    State per parameter adds `s` and `p0` (the initial parameter, sliced; a scalar 0 when a plain parameter started
+    all zero), both over the local shard (`per_shard_state` buffers). With slice_p > 1 a sharded parameter samples
+    every slice_p-th entry of each shard, a different (equally valid) subsample than the unsharded tensor's."""
 
     def __init__(self, params, defaults: dict, features: Features):
         super().__init__(params, defaults, features)
@@ -55,10 +58,17 @@ class DAdaptation(AdvancedOptimizer):
 
     def _init_state(self, param: Tensor, local: Tensor, state: dict, group: dict) -> None:
         super()._init_state(param, local, state, group)
-        slice_p = self.param_groups[0]["slice_p"]
-        sliced = local.detach().flatten()[::slice_p]
-        state["s"] = torch.zeros_like(sliced, dtype=torch.float32)
-        state["p0"] = sliced.float().clone() if local.any() else torch.zeros((), device=local.device)
+        sliced = self._sliced(local)
+        if isinstance(param, DTensor) or local.any():
+            state["s"], state["p0"] = per_shard_state(param, [sliced.numel()] * 2, [torch.float32] * 2)
+            write_prefix(state, "p0", sliced.float())
+        else:
+            # A parameter that starts all zero (zero-initialized projections) needs no copy of its start.
+            state["s"] = per_shard_state(param, [sliced.numel()], [torch.float32])[0]
+            state["p0"] = torch.zeros((), device=local.device)
+
+    def _sliced(self, tensor: Tensor) -> Tensor:
+        return tensor.detach().flatten()[::self.param_groups[0]["slice_p"]]
 
     def _prodigy_beta3(self) -> float:
         first = self.param_groups[0]
@@ -76,12 +86,12 @@ class DAdaptation(AdvancedOptimizer):
     def _accumulate_d_statistics(self, param: Tensor, local: Tensor, grad: Tensor, state: dict, group: dict,
                                  dlr: float) -> None:
         first = self.param_groups[0]
-        d, d0, slice_p = group["d"], first["d0"], first["slice_p"]
-        sliced_grad = grad.flatten()[::slice_p]
-        sliced_param = local.detach().flatten()[::slice_p].float()
-        numerator = (d / d0) * dlr * torch.dot(sliced_grad, state["p0"] - sliced_param)
+        d, d0 = group["d"], first["d0"]
+        sliced_grad, sliced_param = self._sliced(grad), self._sliced(local).float()
+        p0 = state["p0"] if state["p0"].ndim == 0 else read_prefix(state, "p0", sliced_grad.numel()).float()
+        numerator = (d / d0) * dlr * torch.dot(sliced_grad, p0 - sliced_param)
         weight = (d / d0) * d if first["safeguard_warmup"] else (d / d0) * dlr
-        s = state["s"]
+        s = read_prefix(state, "s", sliced_grad.numel())
         s.mul_(self._prodigy_beta3()).add_(sliced_grad, alpha=weight)
         sums = self._d_sums[shard_groups(param)]
         sums[0] += numerator.double()

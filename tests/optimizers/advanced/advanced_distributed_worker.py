@@ -1,4 +1,5 @@
-"""torchrun worker (2 gloo ranks) for test_advanced_distributed.py; writes a JSON result to argv[1] on rank 0.
+"""torchrun worker (2 gloo ranks) for test_advanced_distributed.py; writes a JSON result to argv[1] on rank 0 and
+checkpoints under the directory argv[2].
 
 1. DTensor parameters sharded by rows (Shard(0), uneven, one shard empty), by columns (Shard(1), as tensor parallelism does) and
    replicated, stepped by every advanced optimizer with the features that need whole-tensor sums (OrthoGrad, the
@@ -6,17 +7,23 @@
 2. An FSDP2 (fully_shard) model trained with the fused backward pass next to the single-process normal step on the
    same batches: max |difference| of the parameters.
 3. Factored states on sharded parameters (each rank factors its shard): the parameters stay finite and move.
+4. torch.distributed.checkpoint save and load (get_state_dict / set_state_dict, as trainer/checkpoint.py) of an
+   FSDP2 model with uneven shards and factored / Prodigy per-shard state, with the fused backward pass: resumed
+   training equals uninterrupted training.
 """
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from optimizers.advanced import Adam_Adv, Adopt_Adv, Lion_Adv, Prodigy_Adv, Prodigy_Lion_Adv, Simplified_AdEMAMix
@@ -100,6 +107,51 @@ def factored_on_shards(mesh) -> bool:
     return bool(ok)
 
 
+CHECKPOINT_CASES = {
+    Adam_Adv: dict(lr=1e-2, factored=True, use_AdEMAMix=True, cautious_mask=True),
+    Prodigy_Adv: dict(d0=1e-2, factored=True, slice_p=3),
+    Prodigy_Lion_Adv: dict(d0=1e-2, factored=True, orthogonal_gradient=True),
+}
+
+
+def uneven_fsdp_model(mesh, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 3))  # 7 and 3 rows: uneven shards
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def train_steps(model, optimizer, steps: range) -> None:
+    for step in steps:
+        generator = torch.Generator().manual_seed(step)
+        inputs, targets = torch.randn(8, 10, generator=generator), torch.randn(8, 3, generator=generator)
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def checkpoint_resume_difference(mesh, cls, options, directory: Path) -> float:
+    model = uneven_fsdp_model(mesh, 0)
+    optimizer = cls(model.parameters(), **options)
+    optimizer.register_fused_backward_hooks()
+    train_steps(model, optimizer, range(3))
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    train_steps(model, optimizer, range(3, 5))
+
+    resumed_model = uneven_fsdp_model(mesh, 1)  # different start: everything must come from the checkpoint
+    resumed = cls(resumed_model.parameters(), **options)
+    resumed.register_fused_backward_hooks()
+    model_state, optimizer_state = get_state_dict(resumed_model, resumed)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(resumed_model, resumed, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    train_steps(resumed_model, resumed, range(3, 5))
+    return max((p.full_tensor() - q.full_tensor()).abs().max().item()
+               for p, q in zip(model.parameters(), resumed_model.parameters()))
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -108,6 +160,9 @@ def main() -> None:
         "fsdp_fused": {cls.__name__: fsdp_fused_versus_single_process(mesh, cls, CASES[cls])
                        for cls in (Adam_Adv, Prodigy_Adv, Lion_Adv)},
         "factored_on_shards": factored_on_shards(mesh),
+        "checkpoint_resume": {cls.__name__: checkpoint_resume_difference(mesh, cls, options,
+                                                                         Path(sys.argv[2]) / cls.__name__)
+                              for cls, options in CHECKPOINT_CASES.items()},
     }
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as handle:

@@ -1,6 +1,7 @@
 """The advanced family on 2 gloo ranks (torchrun): DTensor parameters sharded by rows, columns (tensor parallel) and
 replicated give the single-process result, FSDP2 with the fused backward pass gives the single-process normal step,
-and factored states work on shards. See advanced_distributed_worker.py."""
+factored states work on shards, and a torch.distributed.checkpoint resume of per-shard state is exact. See
+advanced_distributed_worker.py."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ def test_sharded_and_fsdp_fused_runs_match_single_process(tmp_path):
                WANDB_MODE="disabled")
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(Path(__file__).with_name("advanced_distributed_worker.py")), str(output)],
+         str(Path(__file__).with_name("advanced_distributed_worker.py")), str(output), str(tmp_path / "checkpoints")],
         env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(output.read_text())
@@ -31,3 +32,7 @@ def test_sharded_and_fsdp_fused_runs_match_single_process(tmp_path):
     for name, difference in result["fsdp_fused"].items():
         assert difference < 1e-5, name
     assert result["factored_on_shards"]
+    # Per-shard state (factors, packed signs, Prodigy's s and p0) restored on every rank: resume is exact.
+    assert len(result["checkpoint_resume"]) == 3
+    for name, difference in result["checkpoint_resume"].items():
+        assert difference == 0.0, name
