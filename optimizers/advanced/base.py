@@ -12,8 +12,9 @@ the base class owns everything else, once for the whole family:
 Fused backward pass: `register_fused_backward_hooks()` runs that per-parameter update in a
 `register_post_accumulate_grad_hook` hook as soon as the parameter's gradient is ready and then frees the gradient,
 so full gradients never coexist in memory. `step()` then only finishes per-step bookkeeping (`_finish_step`, e.g.
-Prodigy's D estimate): it steps only parameters that still hold a gradient, so none is updated a second time. Incompatible with gradient accumulation (the hook
-would step on every micro-batch); train.py refuses that combination.
+Prodigy's D estimate): it steps only parameters that still hold a gradient, so none is updated a second time.
+Incompatible with gradient accumulation (the hook would step on every micro-batch); train.py refuses that
+combination.
 """
 from __future__ import annotations
 

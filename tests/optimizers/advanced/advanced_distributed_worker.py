@@ -1,8 +1,8 @@
 """torchrun worker (2 gloo ranks) for test_advanced_distributed.py; writes a JSON result to argv[1] on rank 0 and
 checkpoints under the directory argv[2].
 
-1. DTensor parameters sharded by rows (Shard(0), uneven, one shard empty), by columns (Shard(1), as tensor parallelism does) and
-   replicated, stepped by every advanced optimizer with the features that need whole-tensor sums (OrthoGrad, the
+1. DTensor parameters sharded by rows (Shard(0), uneven, one shard empty), by columns (Shard(1), as tensor
+   parallelism does) and replicated, stepped by every advanced optimizer with the features that need whole-tensor sums (OrthoGrad, the
    cautious mask, Prodigy's D-adaptation) next to the same optimizer on plain full tensors: max |difference|.
 2. An FSDP2 (fully_shard) model trained with the fused backward pass next to the single-process normal step on the
    same batches: max |difference| of the parameters.
