@@ -2,8 +2,9 @@
 checkpoints under the directory argv[2].
 
 1. DTensor parameters sharded by rows (Shard(0), uneven, one shard empty), by columns (Shard(1), as tensor
-   parallelism does) and replicated, stepped by every advanced optimizer with the features that need whole-tensor sums (OrthoGrad, the
-   cautious mask, Prodigy's D-adaptation) next to the same optimizer on plain full tensors: max |difference|.
+   parallelism does) and replicated, stepped by every advanced optimizer with the features that need whole-tensor
+   sums (OrthoGrad, the cautious mask, Prodigy's D-adaptation) next to the same optimizer on plain full tensors:
+   max |difference|.
 2. An FSDP2 (fully_shard) model trained with the fused backward pass next to the single-process normal step on the
    same batches: max |difference| of the parameters.
 3. Factored states on sharded parameters (each rank factors its shard): the parameters stay finite and move.
