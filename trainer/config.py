@@ -148,8 +148,21 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return value
     elif tp is dict:
         if isinstance(value, dict):
-            return value
+            return _numeric_strings_to_float(value)
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _numeric_strings_to_float(value: Any) -> Any:
+    """YAML 1.1 reads exponent numbers without a dot ("1e-3") as strings; in free-form mappings
+    (optimizer_args) there is no field type to fix that later, so convert them here."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, dict):
+        return {k: _numeric_strings_to_float(v) for k, v in value.items()}
+    return value
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
@@ -183,7 +196,7 @@ def parse_cli_overrides(argv: list[str]) -> tuple[Path | None, dict[str, Any]]:
         if sub:
             if _TYPES[base] is not dict:
                 raise ConfigError(f"--{key}: only mapping keys (optimizer_args) take dotted sub-keys")
-            overrides.setdefault(base, {})[sub] = parsed
+            overrides.setdefault(base, {})[sub] = _numeric_strings_to_float(parsed)
         else:
             overrides[key] = parsed
     return config_path, overrides
