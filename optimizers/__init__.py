@@ -1,15 +1,18 @@
 """Optimizers for GPT training: Dion and the collection around it.
 
-Classes are imported on first access (`from optimizers import Dion`), so that importing the package stays cheap and
-an optional dependency of one optimizer never breaks the others.
+Classes are imported on first access (`from optimizers import Dion`), so that importing the package stays cheap,
+an optional dependency of one optimizer never breaks the others, and the JAX port (`optimizers.experimental`)
+imports without torch installed.
 """
 from __future__ import annotations
 
 import importlib
 
-from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer, registered_names
-
 _EXPORTS = {
+    "OPTIMIZERS": "optimizers.registry",
+    "OptimizerContext": "optimizers.registry",
+    "build_optimizer": "optimizers.registry",
+    "registered_names": "optimizers.registry",
     "AdamW": "optimizers.adamw",
     "Lion": "optimizers.lion",
     "CompositeOptimizer": "optimizers.composite",
@@ -32,7 +35,7 @@ _EXPORTS = {
     "Prodigy_Lion_Adv": "optimizers.advanced",
 }
 
-__all__ = ["OPTIMIZERS", "OptimizerContext", "build_optimizer", "registered_names", *_EXPORTS]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
