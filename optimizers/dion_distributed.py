@@ -49,13 +49,13 @@ def process_group(mesh: DeviceMesh | ProcessGroup | None, key: str) -> ProcessGr
         return None
     if isinstance(mesh, DeviceMesh):
         if mesh.ndim != 1:
-            raise ValueError(f"{key}: expected a 1-D DeviceMesh (take a sub-mesh or flatten it), got {mesh.ndim}-D "
-                             f"with dims {mesh.mesh_dim_names}")
+            raise ValueError(f"dion: {key}: expected a 1-D DeviceMesh (take a sub-mesh or flatten it), got "
+                             f"{mesh.ndim}-D with dims {mesh.mesh_dim_names}")
         group = mesh.get_group()
     elif isinstance(mesh, ProcessGroup):
         group = mesh
     else:
-        raise ValueError(f"{key}: expected a DeviceMesh, a ProcessGroup or None, got {type(mesh).__name__}")
+        raise ValueError(f"dion: {key}: expected a DeviceMesh, a ProcessGroup or None, got {type(mesh).__name__}")
     return group if dist.get_world_size(group) > 1 else None
 
 
@@ -85,12 +85,12 @@ class MatrixLayout:
     of the DTensor parameter that shards the columns (Q is sharded the same way), or None."""
     shape: tuple[int, int]
     transposed: bool
-    row_group: ProcessGroup | None = None
-    column_group: ProcessGroup | None = None
-    rows: tuple[int, int, int] = (0, 0, 0)
-    columns: tuple[int, int] = (0, 0)
-    x_slices: tuple[slice, slice] = (slice(None), slice(None))
-    column_mesh_dim: int | None = None
+    row_group: ProcessGroup | None
+    column_group: ProcessGroup | None
+    rows: tuple[int, int, int]
+    columns: tuple[int, int]
+    x_slices: tuple[slice, slice]
+    column_mesh_dim: int | None
 
     @property
     def algorithm_shape(self) -> tuple[int, int]:
@@ -118,8 +118,7 @@ def matrix_layout(param: Tensor, outer_group: ProcessGroup | None, inner_group: 
     spans = [(0, m, m), (0, n, n)]
     if isinstance(param, DTensor):
         mesh = param.device_mesh
-        known = {_group_ranks(outer_group): "outer_shard_mesh", _group_ranks(inner_group): "inner_shard_mesh"}
-        known.pop(None, None)
+        known = {_group_ranks(group) for group in (outer_group, inner_group) if group is not None}
         for mesh_dim, placement in enumerate(param.placements):
             if _StridedShard is not None and isinstance(placement, _StridedShard):
                 raise ValueError("dion: strided sharding (FSDP and TP on the same tensor dimension) is not supported; "

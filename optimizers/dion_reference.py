@@ -4,7 +4,7 @@ Ahn et al. 2025, "Dion: Distributed Orthonormalized Updates" (arXiv 2504.05295),
 For a matrix X (m x n, m >= n; Dion works on X^T when m < n), momentum M, gradient G and Q (n x r):
 
     B = M + G                          (momentum dtype)
-    P = orth(B Q)                      (m x r, orthonormal columns; float32 QR)
+    P = orth(B Q)                      (m x r, orthonormal columns; QR in float32, float64 for float64 inputs)
     R = B^T P                          (n x r)
     M <- B - (1 - mu) P R^T            (error feedback: what the rank-r step did not use stays in M)
     Q <- ColumnNormalize(R)            (R_j / (||R_j|| + eps))

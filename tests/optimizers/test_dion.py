@@ -329,6 +329,30 @@ def test_initial_q_is_seeded_gaussian_in_the_short_orientation(cls):
     assert max_difference(params, again.param_groups[0]["params"]) == 0.0
 
 
+@pytest.mark.parametrize("cls", CLASSES)
+def test_per_group_options_override_the_defaults(cls):
+    # Two groups in one optimizer == one optimizer per group with those options as defaults (same initial Qs).
+    overrides = dict(lr=0.1, mu=0.8, weight_decay=0.2, epsilon=1e-6, rank_fraction=0.25, betas=(0.5, 0.6))
+    together, first, second = make_params(), make_params(), make_params()
+    combined = cls([dict(params=together[:3], **overrides), dict(params=together[3:])], lr=0.02, rank_fraction=0.5)
+    separate = [cls(first[:3], **overrides), cls(second[3:], lr=0.02, rank_fraction=0.5)]
+    for step in range(2):
+        for params in (together, first, second):
+            set_grads(params, step)
+        if step == 0:
+            for i, (p, q) in enumerate(zip(together, first[:3] + second[3:])):
+                rank = low_rank_dim(*p.shape, 0.25 if i < 3 else 0.5, 1)
+                initial = torch.randn((min(p.shape), rank), generator=torch.Generator().manual_seed(i),
+                                      dtype=p.dtype)
+                combined.state[p]["Q"] = initial.clone()
+                separate[0 if i < 3 else 1].state[q]["Q"] = initial.clone()
+        combined.step()
+        for optimizer in separate:
+            optimizer.step()
+    assert max_difference(together, first[:3] + second[3:]) < 1e-12
+    assert combined.state[together[0]]["Q"].shape[1] == 4 and combined.state[together[3]]["Q"].shape[1] == 10
+
+
 def test_low_rank_dim_rounds_up_to_the_multiple_and_caps_at_the_short_side():
     assert low_rank_dim(10, 20, 0.3, 1) == 3
     assert low_rank_dim(768, 3072, 0.5, 1) == 384
