@@ -1,0 +1,120 @@
+"""Run a set of optimizer configs on the same model, data and token budget, one train.py subprocess per run.
+
+    python scripts/compare_optimizers.py                                  # configs/compare/small.yaml, every run
+    python scripts/compare_optimizers.py --only adamw muon dion_r1 --dry-run
+    python scripts/plot_curves.py runs/compare/* --output docs/figures/compare_small
+
+`--base` is a train.py config (model, data, schedule, budget); `--runs` is a YAML mapping from a run name to the
+config keys that differ from the base (e.g. `dion_r1_4: {optimizer: dion, rank_fraction: 0.25}`). Each run writes
+`<output>/<name>/metrics.jsonl`. A run whose metrics already reach the base's `num_iterations` is skipped, so the
+command can be restarted after an interruption (an unfinished run starts over unless it has checkpoints, in which
+case train.py resumes it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASE = ROOT / "configs" / "compare" / "small.yaml"
+DEFAULT_RUNS = ROOT / "configs" / "compare" / "small_runs.yaml"
+
+
+def load_runs(path: Path) -> dict[str, dict]:
+    """The run table: name -> overrides; every value must be a mapping of train.py keys."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--runs: no such file {path}")
+    runs = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(runs, dict):
+        raise ValueError(f"--runs: {path} must be a mapping from run name to config overrides")
+    for name, overrides in runs.items():
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--runs: run {name!r} in {path} must map to a mapping of config keys, got {overrides!r}")
+    return runs
+
+
+def override_arguments(overrides: dict) -> list[str]:
+    """`--key value` pairs; values as one-line YAML (train.py parses command-line values as YAML)."""
+    arguments = []
+    for key, value in overrides.items():
+        text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True, width=10 ** 6)
+        arguments += [f"--{key}", text.strip().removesuffix("...").strip()]
+    return arguments
+
+
+def train_command(base: Path, run_dir: Path, overrides: dict) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(base), *override_arguments(overrides),
+            "--run_dir", str(run_dir)]
+
+
+def finished_steps(run_dir: Path) -> int:
+    """The last step recorded in run_dir/metrics.jsonl (0 when there is none)."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="train.py config shared by every run")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="YAML: run name -> config overrides")
+    parser.add_argument("--output", type=Path, default=Path("runs/compare"), help="one run_dir per run under here")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these names of the run table")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+        if not args.base.is_file():
+            raise FileNotFoundError(f"--base: no such file {args.base}")
+        unknown = sorted(set(args.only or []) - set(runs))
+        if unknown:
+            raise ValueError(f"--only: unknown run(s) {', '.join(unknown)}; allowed: {', '.join(runs)}")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    total_steps = yaml.safe_load(args.base.read_text()).get("num_iterations", 100)
+    selected = [name for name in runs if args.only is None or name in args.only]
+    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    failed = []
+    for name in selected:
+        run_dir = args.output / name
+        overrides = {**runs[name]}
+        steps_to_run = overrides.get("num_iterations", total_steps)
+        command = train_command(args.base, run_dir, overrides)
+        if finished_steps(run_dir) >= steps_to_run:
+            print(f"skip {name}: {run_dir} already reached step {steps_to_run}")
+            continue
+        shown = shlex.join(["python", *command[1:]])
+        print(shown if args.dry_run else f"run {name}: {shown}", flush=True)
+        if args.dry_run:
+            continue
+        started = time.perf_counter()
+        result = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        if result.returncode != 0:
+            failed.append(name)
+            last = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            print(f"failed {name} (exit {result.returncode}): {last[0]}", flush=True)
+        else:
+            print(f"done {name} in {time.perf_counter() - started:.0f} s", flush=True)
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
