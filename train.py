@@ -84,7 +84,8 @@ def data_files(config: TrainConfig, env: Distributed):
 
 def optimizer_hook(optimizer, name: str):
     """Optional optimizer methods the loop honours: eval()/train() (schedule-free), hessian_update_due() and
-    update_hessian() (Sophia), register_fused_backward_hooks() (the advanced family)."""
+    update_hessian() (Sophia), register_fused_backward_hooks() (the advanced family), synchronize_for_checkpoint()
+    (Dion)."""
     return getattr(optimizer, name, None)
 
 
@@ -182,6 +183,9 @@ def run(config: TrainConfig, env: Distributed) -> None:
 
     def checkpoint(at_step: int) -> None:
         switch("eval")
+        synchronize = optimizer_hook(optimizer, "synchronize_for_checkpoint")
+        if synchronize is not None:  # Dion with its own replica sync: make the replicas' states identical
+            synchronize()
         save_checkpoint(checkpoint_dir, at_step, model, optimizer,
                         dict(step=at_step, wandb_id=logger.wandb_id, elapsed=elapsed, tokens=tokens,
                              loader=loader.state_dict(), scheduler=scheduler.state_dict()),
