@@ -34,8 +34,8 @@ from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_r
 from optimizers.dion_math import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize,
                                   initial_q, low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
                                   solve_right_upper)
+from optimizers.options import parse_choice
 from optimizers.scalar_updates import adamw_update, lion_update
-
 
 
 class Algorithm(str, Enum):
@@ -50,14 +50,6 @@ class QRMethod(str, Enum):
     QR = "qr"
     CQR = "cqr"
     RCQR = "rcqr"
-
-
-def _choice(enum_cls: type[Enum], key: str, value: Any) -> Enum:
-    try:
-        return enum_cls(value)
-    except ValueError:
-        allowed = ", ".join(e.value for e in enum_cls)
-        raise ValueError(f"dion: {key}={value!r} is invalid; allowed: {allowed}") from None
 
 
 def _dtype(key: str, value: Any) -> torch.dtype | None:
@@ -216,7 +208,7 @@ class DionBase(Optimizer, abc.ABC):
         if not rcqr_oversample >= 1.0:
             raise ValueError(f"dion: rcqr_oversample={rcqr_oversample!r} is invalid; allowed: a float >= 1")
         self._power_iters = power_iters
-        self._qr_method = _choice(QRMethod, "qr_method", qr_method)
+        self._qr_method = parse_choice(QRMethod, "dion", "qr_method", qr_method)
         self._cqr_warmup_steps = cqr_warmup_steps
         self._rcqr_oversample = float(rcqr_oversample)
         self._mixed_precision = DionMixedPrecisionConfig.coerce(mixed_precision_config)
@@ -237,7 +229,7 @@ class DionBase(Optimizer, abc.ABC):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
-        group["algorithm"] = _choice(Algorithm, "algorithm", group["algorithm"]).value
+        group["algorithm"] = parse_choice(Algorithm, "dion", "algorithm", group["algorithm"]).value
         _check_group_options(group)
         for p in group["params"]:
             if group["algorithm"] == Algorithm.DION.value and p.dim() != 2:

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
+from optimizers.options import parse_choice
 from optimizers.scalar_updates import adamw_update, lion_update
 
 # Quintic coefficients from Keller Jordan's Muon: they maximise the slope at zero so 5 steps suffice, leaving singular
@@ -53,14 +54,6 @@ class AdjustLR(str, Enum):
     SPECTRAL_NORM = "spectral_norm"
     RMS_NORM = "rms_norm"
     NONE = "none"
-
-
-def _choice(enum_cls: type[Enum], key: str, value: Any) -> Enum:
-    try:
-        return enum_cls(value)
-    except ValueError:
-        allowed = ", ".join(member.value for member in enum_cls)
-        raise ValueError(f"Muon: {key} must be one of {allowed}, got {value!r}") from None
 
 
 def lr_scale(adjust_lr: AdjustLR, shape: torch.Size) -> float:
@@ -322,12 +315,13 @@ class Muon(Optimizer):
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"Muon: ns_dtype must be one of {', '.join(map(str, NS_DTYPES))}, got {ns_dtype!r}")
         defaults = dict(lr=lr, mu=mu, betas=tuple(betas), weight_decay=weight_decay, epsilon=epsilon,
-                        nesterov=nesterov, adjust_lr=_choice(AdjustLR, "adjust_lr", adjust_lr).value,
+                        nesterov=nesterov,
+                        adjust_lr=parse_choice(AdjustLR, "Muon", "adjust_lr", adjust_lr).value,
                         algorithm=Algorithm.MUON.value, step=0)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            algorithm = _choice(Algorithm, "algorithm", group["algorithm"])
-            _choice(AdjustLR, "adjust_lr", group["adjust_lr"])
+            algorithm = parse_choice(Algorithm, "Muon", "algorithm", group["algorithm"])
+            parse_choice(AdjustLR, "Muon", "adjust_lr", group["adjust_lr"])
             if algorithm is Algorithm.MUON:
                 for p in group["params"]:
                     if p.ndim != 2:
