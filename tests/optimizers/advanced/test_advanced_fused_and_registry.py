@@ -137,7 +137,7 @@ def test_composite_resume_of_factored_states_is_bit_exact():
 
 # --- registry builders on a tiny GPT -----------------------------------------------------------------------------
 
-TINY = GPTConfig(vocab_size=64, n_layer=1, n_head=2, model_dim=32, sequence_length=8)
+TINY = GPTConfig(vocab_size=32, n_layer=1, n_head=2, model_dim=16, sequence_length=8)
 
 
 def gpt_context(model: GPT, **overrides) -> OptimizerContext:
@@ -199,9 +199,9 @@ def test_tiny_gpt_loss_decreases_with_factored_states_and_fused_backward(name):
                                                   lr=TRAINING[name]["lr"], options=TRAINING[name]["options"]))
     optimizer.register_fused_backward_hooks()
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, TINY.vocab_size, (4, TINY.sequence_length + 1), generator=generator)
+    tokens = torch.randint(0, TINY.vocab_size, (2, TINY.sequence_length + 1), generator=generator)
     losses = []
-    for _ in range(15):
+    for _ in range(12):
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         optimizer.step()
