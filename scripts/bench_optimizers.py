@@ -1,0 +1,494 @@
+"""Optimizer-step time of every registered optimizer against this machine's measured limits, plus the training loop.
+
+    python scripts/bench_optimizers.py                          # d=384, 4 layers ("tiny" preset), CPU, 2 threads
+    python scripts/bench_optimizers.py --preset 160m --device cuda --markdown > bench.md
+    python scripts/bench_optimizers.py --optimizers dion muon --profile dion_r1
+
+1. Limits: fp32 matmul throughput at the exact product shapes each optimizer runs (median of --repeats), and copy
+   bandwidth (dst.copy_(src), read + write bytes) over a buffer as large as the benchmarked parameter set.
+2. Step time: median of --repeats `optimizer.step()` calls after --warmup, synchronized on CUDA, gradients set once.
+   Matrix optimizers (Dion, Muon, Shampoo, SOAP) get the 2D block matrices of the preset: per layer q, k, v, o
+   (d x d) and the MLP (4d x d, d x 4d). Element-wise optimizers get every parameter of the model (embedding, LM head,
+   block matrices, norm gains). Registered optimizers are built through the registry with the context defaults.
+   - Dion (8 m n r per matrix for B Q, B^T P, P R^T, P Q^T, plus rcqr: S P, the QR of S P, two triangular solves and
+     P^T P) and Muon (5 Newton-Schulz iterations of X X^T, A A, B X on X = the update with rows <= columns) report
+     FLOP/s as a fraction of the matmul limit: the time the same products take as bare matmuls / step time.
+   - Element-wise optimizers report bytes/s as a fraction of copy bandwidth, counting the least traffic a step needs:
+     read parameters and gradients, write parameters, read and write every state tensor once.
+3. The Dion step time vs rank fraction, optimizer-state bytes per parameter (Dion: expected m n + n r per matrix), and
+   tokens/s of train.py's loop vs a minimal loop (same model, optimizer and batches; no logging, validation or
+   checkpoints), alternated --loop-repeats times in this process on the configs/default.yaml model.
+4. Every target of the performance issue with PASS/SHORT and the measured ratio.
+
+`--profile NAME` prints a torch.profiler table of one step of benchmark case NAME (e.g. dion_r1, muon, lion) as
+evidence of what bounds it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train  # noqa: E402
+from bench_dion import synchronize  # noqa: E402
+from models import GPT, PRESETS  # noqa: E402
+from optimizer_memory import state_bytes  # noqa: E402
+from optimizers.dion_math import low_rank_dim, sketch_rows  # noqa: E402
+from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer  # noqa: E402
+from trainer.config import build_config  # noqa: E402
+
+RANK_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
+DION_NAMES = ("dion", "dion_async", "dion_reference")
+PRECONDITIONED = ("shampoo", "soap")
+NS_STEPS = 5
+RCQR_OVERSAMPLE = 1.25
+FLOAT_BYTES = 4
+
+# (count, m, k, n): `count` m x k @ k x n products, 2 count m k n FLOPs; timed as one batched matmul, as the
+# optimizers stack same-shape matrices.
+Product = tuple[int, int, int, int]
+
+
+@dataclass
+class Case:
+    """One benchmarked optimizer: `label` names the row, `name` the registry entry (or a torch.optim reference),
+    `kind` is "matrix" (FLOP-counted), "elementwise" (byte-counted) or "preconditioned" (time and memory only)."""
+    label: str
+    name: str
+    kind: str
+    make: Callable[[dict[str, list[torch.Tensor]]], torch.optim.Optimizer]
+    rank_fraction: float | None = None
+    products: list[Product] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    case: Case
+    seconds: float
+    parameters: int
+    state: int
+    efficiency: float | None = None
+    rate: float | None = None
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    times = []
+    for _ in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
+class MatmulLimit:
+    """Measured seconds of bare fp32 (batched) matmuls, cached per product shape."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        self.cache: dict[Product, float] = {}
+
+    def seconds(self, product: Product) -> float:
+        if product not in self.cache:
+            count, m, k, n = product
+            a = torch.randn(count, m, k, device=self.device)
+            b = torch.randn(count, k, n, device=self.device)
+            self.cache[product] = median_seconds(lambda: torch.bmm(a, b), self.device, self.warmup, self.repeats)
+        return self.cache[product]
+
+    def total_seconds(self, products: list[Product]) -> float:
+        return sum(self.seconds(p) for p in products)
+
+
+def copy_bandwidth(numel: int, device: torch.device, warmup: int, repeats: int) -> float:
+    """Bytes/s of dst.copy_(src) over `numel` fp32 elements, counting the read and the write."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return 2 * numel * FLOAT_BYTES / median_seconds(lambda: dst.copy_(src), device, warmup, repeats)
+
+
+def flops(products: list[Product]) -> int:
+    return sum(2 * count * m * k * n for count, m, k, n in products)
+
+
+def batched(products: list[tuple[int, int, int]]) -> list[Product]:
+    """Equal (m, k, n) products merged into one (count, m, k, n) entry."""
+    return [(count, *shape) for shape, count in sorted(Counter(products).items())]
+
+
+def dion_products(shapes: list[tuple[int, int]], rank_fraction: float) -> list[Product]:
+    """Dion's matmuls per matrix in its orientation (rows m >= columns n, rank r): P = B Q, R = B^T P, the error
+    feedback P R^T and the update P Q^T (2 m n r each, 8 m n r in all); then rcqr with a k-row sketch: S P (2 k m r),
+    the QR of S P (about 2 k r^2, counted as a k x r x r product), P R1^-1 and P1 R2^-1 (m r^2 each), P1^T P1
+    (2 m r^2)."""
+    products = []
+    for shape in shapes:
+        m, n = max(shape), min(shape)
+        r = low_rank_dim(m, n, rank_fraction, 1)
+        k = sketch_rows(r, RCQR_OVERSAMPLE)
+        products += [(m, n, r), (n, m, r), (m, r, n), (m, r, n)]
+        if m > r:
+            products += [(k, m, r), (k, r, r), (m, r, r // 2), (m, r, r // 2), (r, m, r)]
+    return batched(products)
+
+
+def newton_schulz_products(shapes: list[tuple[int, int]]) -> list[Product]:
+    """Per iteration on X (a x b, a <= b): A = X X^T (2 a^2 b), A A (2 a^3), (b A + c A A) X (2 a^2 b)."""
+    products = []
+    for shape in shapes:
+        a, b = min(shape), max(shape)
+        products += [(a, b, a), (a, a, a), (a, a, b)]
+    return [(count * NS_STEPS, m, k, n) for count, m, k, n in batched(products)]
+
+
+def dion_expected_state_bytes(shapes: list[tuple[int, int]], rank_fraction: float) -> int:
+    """Momentum m x n plus Q n x r (n = the smaller side) per matrix, fp32."""
+    total = 0
+    for m, n in shapes:
+        r = low_rank_dim(max(m, n), min(m, n), rank_fraction, 1)
+        total += m * n + min(m, n) * r
+    return total * FLOAT_BYTES
+
+
+def context(groups: dict[str, list[torch.Tensor]], model_dim: int, **overrides) -> OptimizerContext:
+    return OptimizerContext(matrix_params=groups["matrix"], embedding_params=groups["embedding"],
+                            lm_head_params=groups["lm_head"], vector_params=groups["vector"], model_dim=model_dim,
+                            scalar_opt="lion", scalar_opt_explicit=False, tokens_per_step=8 * 1024, **overrides)
+
+
+def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]]) -> list[Case]:
+    """The benchmark rows for the selected registry names (and their torch.optim references)."""
+    def registry(name: str, **overrides):
+        return lambda groups: build_optimizer(name, context(groups, model_dim, **overrides))
+
+    cases = []
+    for name in names:
+        if name in DION_NAMES:
+            for fraction in RANK_FRACTIONS:
+                cases.append(Case(f"{name}_r{fraction:g}", name, "matrix", registry(name, rank_fraction=fraction),
+                                  fraction, dion_products(shapes, fraction)))
+        elif name == "muon":
+            ns = newton_schulz_products(shapes)
+            cases += [Case("muon", name, "matrix", registry(name), products=ns),
+                      Case("muon_bf16", name, "matrix", registry(name, options=dict(ns_dtype="bfloat16")),
+                           products=ns),
+                      Case("torch.optim.Muon", name, "matrix",
+                           lambda groups: torch.optim.Muon(groups["matrix"], lr=0.02, momentum=0.95),
+                           products=ns)]
+        elif name == "adamw":
+            cases += [Case("adamw", name, "elementwise", registry(name)),
+                      Case("adamw_fused", name, "elementwise", registry(name, options=dict(fused=True))),
+                      Case("torch.optim.AdamW(foreach)", name, "elementwise",
+                           lambda groups: torch.optim.AdamW(_all(groups), foreach=True)),
+                      Case("torch.optim.AdamW(fused)", name, "elementwise",
+                           lambda groups: torch.optim.AdamW(_all(groups), fused=True))]
+        elif name in PRECONDITIONED:
+            cases.append(Case(name, name, "preconditioned", registry(name)))
+        else:
+            cases.append(Case(name, name, "elementwise" if OPTIMIZERS[name].elementwise else "matrix",
+                              registry(name)))
+    return cases
+
+
+def _all(groups: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [p for key in ("matrix", "embedding", "lm_head", "vector") for p in groups[key]]
+
+
+def fresh_parameters(template: dict[str, list[torch.Tensor]], matrices_only: bool, device: torch.device,
+                     seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    """Leaf copies of the template parameters with a fixed random gradient each (scale 1e-3)."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = {}
+    for key, tensors in template.items():
+        groups[key] = []
+        if matrices_only and key != "matrix":
+            continue
+        for t in tensors:
+            p = torch.nn.Parameter(t.detach().clone().to(device))
+            p.grad = (torch.randn(t.shape, generator=generator) * 1e-3).to(device)
+            groups[key].append(p)
+    return groups
+
+
+def run_case(case: Case, template, device, warmup: int, repeats: int, matmul: MatmulLimit,
+             bandwidth: float) -> Result:
+    groups = fresh_parameters(template, case.kind != "elementwise", device)
+    parameters = sum(p.numel() for p in _all(groups))
+    optimizer = case.make(groups)
+    seconds = median_seconds(optimizer.step, device, warmup, repeats)
+    result = Result(case, seconds, parameters, state_bytes(optimizer))
+    if case.kind == "matrix" and case.products:
+        result.rate = flops(case.products) / seconds
+        result.efficiency = matmul.total_seconds(case.products) / seconds
+    elif case.kind == "elementwise":
+        moved = 3 * parameters * FLOAT_BYTES + 2 * result.state
+        result.rate = moved / seconds
+        result.efficiency = result.rate / bandwidth
+    del optimizer, groups
+    gc.collect()
+    return result
+
+
+def profile_case(case: Case, template, device, warmup: int) -> str:
+    groups = fresh_parameters(template, case.kind != "elementwise", device)
+    optimizer = case.make(groups)
+    for _ in range(max(warmup, 1)):
+        optimizer.step()
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        optimizer.step()
+        synchronize(device)
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+# ---------------------------------------------------------------- training loop: train.py vs a minimal loop
+
+def loop_config(steps: int, optimizer: str, run_dir: str):
+    """configs/default.yaml with logging, validation and checkpoints reduced to the minimum train.py allows."""
+    return build_config(["--optimizer", optimizer, "--num_iterations", str(steps), "--log_every", str(steps),
+                         "--val_loss_every", "0", "--checkpoint_freq", "0", "--run_dir", run_dir,
+                         "--no_wandb", "true"])
+
+
+def train_py_tokens_per_second(steps: int, optimizer: str) -> float:
+    """train.run in this process; its metrics' `time` is the summed step time (excluding the final checkpoint)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = loop_config(steps, optimizer, run_dir)
+        env = train.init_distributed(config)
+        with contextlib.redirect_stderr(io.StringIO()):
+            train.run(config, env)
+        last = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+        return last["tokens"] / last["time"]
+
+
+def minimal_tokens_per_second(steps: int, optimizer: str) -> float:
+    """The same model, optimizer and batches as train.py, with nothing but forward, backward, step and zero_grad."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = loop_config(steps, optimizer, run_dir)
+        env = train.init_distributed(config)
+        train_files, _ = train.data_files(config, env)
+        model = train.build_model(config, env)
+        optimizer_ = train.build_training_optimizer(model, config, env, False)
+        loader = train.DistributedTokenLoader(train_files, config.device_batch_size, config.sequence_length)
+        elapsed = 0.0
+        for _ in range(steps):
+            start = time.perf_counter()
+            inputs, targets = (t.to(env.device) for t in loader.next_batch())
+            model(inputs, targets).backward()
+            optimizer_.step()
+            optimizer_.zero_grad(set_to_none=True)
+            synchronize(env.device)
+            elapsed += time.perf_counter() - start
+        return steps * config.batch_size * config.sequence_length / elapsed
+
+
+# ---------------------------------------------------------------- report
+
+def machine_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or "cpu"
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{name}; {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, load average {load}; "
+            f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M %Z')}")
+
+
+class Report:
+    """Headings, notes and tables, as Markdown (--markdown) or as aligned plain text."""
+
+    def __init__(self, markdown: bool):
+        self.markdown = markdown
+
+    def heading(self, text: str, level: int = 2) -> None:
+        print(f"{'#' * level} {text}\n" if self.markdown else f"{text}\n{'=' * len(text)}")
+
+    def note(self, text: str) -> None:
+        print(text + "\n")
+
+    def table(self, headers: list[str], rows: list[list[str]]) -> None:
+        if self.markdown:
+            print("| " + " | ".join(headers) + " |")
+            print("|---|" + "---:|" * (len(headers) - 1))
+            for row in rows:
+                print("| " + " | ".join(row) + " |")
+        else:
+            widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+            for row in [headers] + rows:
+                print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+        print()
+
+
+def verdict(value: float, bar: float, higher_is_better: bool = True) -> str:
+    ok = value >= bar if higher_is_better else value <= bar
+    return "PASS" if ok else "SHORT"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="GPT preset (tiny: d=384, 4 layers)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--optimizers", nargs="+", metavar="NAME", help="registry names (default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--loop-steps", type=int, default=10, help="steps per training-loop measurement (0: skip)")
+    parser.add_argument("--loop-repeats", type=int, default=2, help="alternations of train.py / minimal loop")
+    parser.add_argument("--loop-optimizer", default="dion")
+    parser.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of this case")
+    parser.add_argument("--markdown", action="store_true", help="emit Markdown tables")
+    args = parser.parse_args(argv)
+    names = args.optimizers or sorted(OPTIMIZERS)
+    unknown = sorted(set(names) - set(OPTIMIZERS))
+    if unknown or args.repeats < 1 or args.warmup < 0:
+        problem = (f"--optimizers: unknown name(s) {', '.join(unknown)}; registered: {', '.join(sorted(OPTIMIZERS))}"
+                   if unknown else "--repeats must be >= 1 and --warmup >= 0")
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = GPT(PRESETS[args.preset])
+    template = train.split_parameters(model)
+    shapes = [tuple(p.shape) for p in template["matrix"]]
+    total_parameters = sum(p.numel() for p in model.parameters())
+    cases = build_cases(names, model.config.model_dim, shapes)
+    if args.profile is not None:
+        chosen = [c for c in cases if c.label == args.profile]
+        if not chosen:
+            print(f"error: --profile: unknown case {args.profile!r}; cases: {', '.join(c.label for c in cases)}",
+                  file=sys.stderr)
+            return 2
+        print(profile_case(chosen[0], template, device, args.warmup))
+        return 0
+
+    report = Report(args.markdown)
+    matmul = MatmulLimit(device, args.warmup, args.repeats)
+    bandwidth = copy_bandwidth(total_parameters, device, args.warmup, args.repeats)
+    distinct = sorted(set(shapes))
+    report.heading(f"Optimizer benchmark: preset {args.preset} on {device}", 1)
+    report.note(f"Machine: {machine_line(device)}")
+    report.note(f"Parameter sets: matrix optimizers {len(shapes)} block matrices {distinct} "
+                f"({sum(m * n for m, n in shapes):,} parameters); element-wise optimizers every parameter "
+                f"({total_parameters:,}). Warm-up {args.warmup}, median of {args.repeats}.")
+    report.heading("Limits (measured in this run)")
+    limits = [[f"copy bandwidth, {total_parameters * FLOAT_BYTES / 2 ** 20:.0f} MiB buffer (read + write)",
+               f"{bandwidth / 1e9:.1f} GB/s"]]
+    for m, n in sorted({(max(shape), min(shape)) for shape in shapes}):
+        rate = 2 * m * n * n / matmul.seconds((1, m, n, n))
+        limits.append([f"fp32 matmul {m}x{n} @ {n}x{n}", f"{rate / 1e9:.1f} GFLOP/s"])
+    report.table(["limit", "value"], limits)
+
+    results = []
+    for case in cases:
+        try:
+            results.append(run_case(case, template, device, args.warmup, args.repeats, matmul, bandwidth))
+        except Exception as error:  # an optimizer that cannot run here is reported, not fatal
+            report.note(f"{case.label} not measured: {type(error).__name__}: {str(error).splitlines()[0]}")
+        print(f"measured {case.label}", file=sys.stderr, flush=True)
+    by_label = {r.case.label: r for r in results}
+    reference = by_label.get("torch.optim.AdamW(foreach)")
+
+    report.heading("Step time")
+    report.note("Efficiency: matrix rows = bare-matmul time of the same products / step time (achieved FLOP/s over "
+                "the matmul limit at those shapes); element-wise rows = bytes moved / step time / copy bandwidth.")
+    rows = []
+    for r in results:
+        achieved = ("" if r.rate is None else
+                    f"{r.rate / 1e9:.1f} GFLOP/s" if r.case.kind == "matrix" else f"{r.rate / 1e9:.1f} GB/s")
+        efficiency = "" if r.efficiency is None else f"{r.efficiency:.0%}"
+        ratio = f"{r.seconds / reference.seconds:.2f}x" if reference and r.case.kind == "elementwise" else ""
+        rows.append([r.case.label, f"{r.parameters:,}", f"{1e3 * r.seconds:.1f}", achieved, efficiency, ratio])
+    report.table(["optimizer", "parameters", "step ms (median)", "achieved", "efficiency",
+                  "vs torch AdamW(foreach)"], rows)
+
+    curve = [(name, [by_label.get(f"{name}_r{f:g}") for f in RANK_FRACTIONS]) for name in DION_NAMES]
+    curve = [(name, rows) for name, rows in curve if all(rows)]
+    if curve:
+        report.heading("Dion step time vs rank fraction")
+        report.table(["optimizer"] + [f"r = {f:g}" for f in RANK_FRACTIONS],
+                     [[name] + [f"{1e3 * r.seconds:.1f} ms ({r.seconds / rows[0].seconds:.2f})" for r in rows]
+                      for name, rows in curve])
+        report.note("In parentheses: step time / step time at rank fraction 1; linear scaling would give "
+                    + ", ".join(f"{f:g}" for f in RANK_FRACTIONS) + ".")
+
+    report.heading("Optimizer-state memory")
+    rows = []
+    for r in results:
+        expected = ""
+        if r.case.name in DION_NAMES:
+            expected = f"{dion_expected_state_bytes(shapes, r.case.rank_fraction) / r.parameters:.3f}"
+        rows.append([r.case.label, f"{r.state / 2 ** 20:.1f}", f"{r.state / r.parameters:.3f}", expected])
+    report.table(["optimizer", "state MiB", "bytes / parameter", "expected (Dion: m n + n r per matrix)"], rows)
+
+    loop_ratio = None
+    if args.loop_steps > 0:
+        trained, minimal = [], []
+        for _ in range(args.loop_repeats):
+            minimal.append(minimal_tokens_per_second(args.loop_steps, args.loop_optimizer))
+            trained.append(train_py_tokens_per_second(args.loop_steps, args.loop_optimizer))
+        loop_ratio = statistics.median(trained) / statistics.median(minimal)
+        report.heading(f"Training loop (configs/default.yaml model, {args.loop_optimizer}, {args.loop_steps} steps, "
+                       f"{args.loop_repeats} alternations)")
+        report.table(["loop", "tokens/s (median)", "runs"],
+                     [["train.py", f"{statistics.median(trained):.0f}", ", ".join(f"{x:.0f}" for x in trained)],
+                      ["minimal", f"{statistics.median(minimal):.0f}", ", ".join(f"{x:.0f}" for x in minimal)]])
+
+    targets = []
+
+    def target(label: str, value: float, bar: float, higher_is_better: bool = True) -> None:
+        targets.append([verdict(value, bar, higher_is_better), label, f"{value:.2f}",
+                        f"{'>=' if higher_is_better else '<='} {bar}"])
+
+    for name in ("dion", "dion_async"):
+        for fraction, bar in ((1.0, 0.5), (0.25, 0.35)):
+            r = by_label.get(f"{name}_r{fraction:g}")
+            if r is not None:
+                target(f"{name} rank fraction {fraction:g}: FLOP/s / matmul limit", r.efficiency, bar)
+    if "muon" in by_label:
+        target("muon: Newton-Schulz FLOP/s / matmul limit", by_label["muon"].efficiency, 0.5)
+        torch_muon = by_label.get("torch.optim.Muon")
+        if torch_muon is not None:
+            for label in ("muon", "muon_bf16"):
+                target(f"{label} step time / torch.optim.Muon", by_label[label].seconds / torch_muon.seconds, 0.7,
+                       False)
+    for r in results:
+        if r.case.kind == "elementwise" and not r.case.label.startswith("torch."):
+            target(f"{r.case.label}: bytes/s / copy bandwidth", r.efficiency, 0.7)
+    if "adamw_fused" in by_label and "torch.optim.AdamW(fused)" in by_label:
+        target("adamw_fused step time / torch.optim.AdamW(fused)",
+               by_label["adamw_fused"].seconds / by_label["torch.optim.AdamW(fused)"].seconds, 1.0, False)
+    if loop_ratio is not None:
+        target("train.py tokens/s / minimal loop", loop_ratio, 0.97)
+    report.heading("Targets")
+    report.table(["verdict", "target", "measured", "bar"], targets)
+    report.note("Not measured by this script: the GPU MFU target (160M preset, bf16, torch.compile, >= 45%).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
