@@ -3,8 +3,8 @@
     python scripts/plot_curves.py runs/compare/* --output docs/figures/compare_small
     python scripts/plot_curves.py --wandb-csv export.csv --output docs/figures/dion_160m --title "160M, FineWeb"
 
-Writes `<output>_val_vs_step.png` and `<output>_val_vs_time.png` and prints a Markdown table of the final and best
-validation loss of each run. A run directory (or a metrics.jsonl path) is named after its directory. A wandb CSV
+Writes `<output>_val_vs_step.png` and `<output>_val_vs_time.png` (when some source has wall time) and prints a
+Markdown table of the final and best validation loss of each run. A run directory (or a metrics.jsonl path) is named after its directory. A wandb CSV
 export is either a chart export (a `Step` column and one `<run> - val_loss` column per run; the `__MIN`/`__MAX`
 columns are ignored) or a run-history export (`_step` and `val_loss` columns, named after the file); wall time
 comes from a `time` column (train.py's logged training time) or `_runtime`.
@@ -128,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    outputs = [Path(f"{args.output}_val_vs_step.png"), Path(f"{args.output}_val_vs_time.png")]
+    outputs = [Path(f"{args.output}_val_vs_step.png")]
     plot(curves, "step", outputs[0], args.title)
-    plot(curves, "time", outputs[1], args.title)
+    if any(curve.seconds is not None for curve in curves):
+        outputs.append(Path(f"{args.output}_val_vs_time.png"))
+        plot(curves, "time", outputs[1], args.title)
+    else:
+        print("no source has wall time: no _val_vs_time.png", file=sys.stderr)
     print(summary_table(curves))
     print("\nwrote " + ", ".join(map(str, outputs)))
     return 0
