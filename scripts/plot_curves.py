@@ -4,10 +4,10 @@
     python scripts/plot_curves.py --wandb-csv export.csv --output docs/figures/dion_160m --title "160M, FineWeb"
 
 Writes `<output>_val_vs_step.png` and `<output>_val_vs_time.png` (when some source has wall time) and prints a
-Markdown table of the final and best validation loss of each run. A run directory (or a metrics.jsonl path) is named after its directory. A wandb CSV
-export is either a chart export (a `Step` column and one `<run> - val_loss` column per run; the `__MIN`/`__MAX`
-columns are ignored) or a run-history export (`_step` and `val_loss` columns, named after the file); wall time
-comes from a `time` column (train.py's logged training time) or `_runtime`.
+Markdown table of the final and best validation loss of each run. A run directory (or a metrics.jsonl path) is
+named after its directory. A wandb CSV export is either a chart export (a `Step` column and one `<run> - val_loss`
+column per run; the `__MIN`/`__MAX` columns are ignored) or a run-history export (`_step` and `val_loss` columns,
+named after the file); wall time comes from a `time` column (train.py's logged training time) or `_runtime`.
 """
 from __future__ import annotations
 
