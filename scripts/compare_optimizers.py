@@ -3,6 +3,8 @@
     python scripts/compare_optimizers.py                                  # configs/compare/small.yaml, every run
     python scripts/compare_optimizers.py --only adamw muon dion_r1 --dry-run
     python scripts/plot_curves.py runs/compare/* --output docs/figures/compare_small
+    python scripts/compare_optimizers.py --base configs/dion_160m.yaml --runs configs/compare/160m_runs.yaml \
+        --output runs/compare_160m --launcher "torchrun --standalone --nproc_per_node=8"     # GPUs, FineWeb 10B
 
 `--base` is a train.py config (model, data, schedule, budget); `--runs` is a YAML mapping from a run name to the
 config keys that differ from the base (e.g. `dion_r1_4: {optimizer: dion, rank_fraction: 0.25}`). Each run writes
@@ -50,8 +52,10 @@ def override_arguments(overrides: dict) -> list[str]:
     return arguments
 
 
-def train_command(base: Path, run_dir: Path, overrides: dict) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--config", str(base), *override_arguments(overrides),
+def train_command(base: Path, run_dir: Path, overrides: dict, launcher: str | None = None) -> list[str]:
+    """`python train.py ...`, or `<launcher> train.py ...` (e.g. "torchrun --standalone --nproc_per_node=8")."""
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    return [*prefix, str(ROOT / "train.py"), "--config", str(base), *override_arguments(overrides),
             "--run_dir", str(run_dir)]
 
 
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="YAML: run name -> config overrides")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"), help="one run_dir per run under here")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these names of the run table")
+    parser.add_argument("--launcher", help="command that starts train.py instead of python (e.g. torchrun ...)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
@@ -93,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.output / name
         overrides = {**runs[name]}
         steps_to_run = overrides.get("num_iterations", total_steps)
-        command = train_command(args.base, run_dir, overrides)
+        command = train_command(args.base, run_dir, overrides, args.launcher)
         if finished_steps(run_dir) >= steps_to_run:
             print(f"skip {name}: {run_dir} already reached step {steps_to_run}")
             continue
-        shown = shlex.join(["python", *command[1:]])
+        shown = shlex.join(command if args.launcher else ["python", *command[1:]])
         print(shown if args.dry_run else f"run {name}: {shown}", flush=True)
         if args.dry_run:
             continue
