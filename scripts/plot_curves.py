@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.runs and not args.wandb_csv:
             raise ValueError("give run directories and/or --wandb-csv files")
-        curves = [read_run(path) for path in args.runs if path.is_file() or (path / "metrics.jsonl").exists()]
-        missing = [str(path) for path in args.runs if not (path.is_file() or (path / "metrics.jsonl").exists())]
+        has_metrics = [(path.is_file() and path.suffix == ".jsonl") or (path / "metrics.jsonl").is_file()
+                       for path in args.runs]
+        curves = [read_run(path) for path, ok in zip(args.runs, has_metrics) if ok]
+        missing = [str(path) for path, ok in zip(args.runs, has_metrics) if not ok]
         if missing:
             print(f"skipped (no metrics.jsonl): {', '.join(missing)}", file=sys.stderr)
         for path in args.wandb_csv:
