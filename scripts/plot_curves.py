@@ -81,12 +81,16 @@ def read_wandb_csv(path: Path) -> list[Curve]:
     return curves
 
 
-def plot(curves: list[Curve], x: str, path: Path, title: str) -> None:
-    figure, axes = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for curve in curves:
+def plot(curves: list[Curve], x: str, path: Path, title: str, ylim: tuple[float, float] | None) -> None:
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
+    colors = plt.get_cmap("tab20").colors
+    for index, curve in enumerate(curves):
         xs = curve.steps if x == "step" else curve.seconds
         if xs is not None:
-            axes.plot(xs, curve.losses, marker=".", linewidth=1.3, label=curve.name)
+            axes.plot(xs, curve.losses, marker=".", linewidth=1.3, label=curve.name, color=colors[index % 20],
+                      linestyle=("-", "--", ":")[index // 20 % 3])
+    if ylim is not None:
+        axes.set_ylim(*ylim)
     axes.set_xlabel("step" if x == "step" else "training wall time (s)")
     axes.set_ylabel("validation loss")
     axes.set_title(title)
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-csv", nargs="+", type=Path, default=[], help="wandb CSV exports")
     parser.add_argument("--output", type=Path, required=True, help="PNG path prefix")
     parser.add_argument("--title", default="validation loss")
+    parser.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="y-axis range (zoom in)")
     args = parser.parse_args(argv)
     try:
         if not args.runs and not args.wandb_csv:
@@ -131,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     outputs = [Path(f"{args.output}_val_vs_step.png")]
-    plot(curves, "step", outputs[0], args.title)
+    plot(curves, "step", outputs[0], args.title, args.ylim)
     if any(curve.seconds is not None for curve in curves):
         outputs.append(Path(f"{args.output}_val_vs_time.png"))
-        plot(curves, "time", outputs[1], args.title)
+        plot(curves, "time", outputs[1], args.title, args.ylim)
     else:
         print("no source has wall time: no _val_vs_time.png", file=sys.stderr)
     print(summary_table(curves))
