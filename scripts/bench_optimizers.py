@@ -11,7 +11,7 @@
    (d x d) and the MLP (4d x d, d x 4d). Element-wise optimizers get every parameter of the model (embedding, LM head,
    block matrices, norm gains). Registered optimizers are built through the registry with the context defaults.
    - Dion (8 m n r per matrix for B Q, B^T P, P R^T, P Q^T, plus rcqr: S P, the QR of S P, two triangular solves and
-     P^T P) and Muon (5 Newton-Schulz iterations of X X^T, A A, B X on X = the update with rows <= columns) report
+     P^T P; Householder QR for a square P) and Muon (5 Newton-Schulz iterations of X X^T, A A, B X on X = the update with rows <= columns) report
      FLOP/s as a fraction of the matmul limit: the time the same products take as bare matmuls / step time.
    - Element-wise optimizers report bytes/s as a fraction of copy bandwidth, counting the least traffic a step needs:
      read parameters and gradients, write parameters, read and write every state tensor once.
@@ -138,7 +138,8 @@ def dion_products(shapes: list[tuple[int, int]], rank_fraction: float) -> list[P
     """Dion's matmuls per matrix in its orientation (rows m >= columns n, rank r): P = B Q, R = B^T P, the error
     feedback P R^T and the update P Q^T (2 m n r each, 8 m n r in all); then rcqr with a k-row sketch: S P (2 k m r),
     the QR of S P (about 2 k r^2, counted as a k x r x r product), P R1^-1 and P1 R2^-1 (m r^2 each), P1^T P1
-    (2 m r^2)."""
+    (2 m r^2). A square P (m = r) takes Householder QR instead (about 8/3 m^3 with Q formed; counted as 2 m^3, so
+    the efficiency is not overstated)."""
     products = []
     for shape in shapes:
         m, n = max(shape), min(shape)
@@ -147,6 +148,8 @@ def dion_products(shapes: list[tuple[int, int]], rank_fraction: float) -> list[P
         products += [(m, n, r), (n, m, r), (m, r, n), (m, r, n)]
         if m > r:
             products += [(k, m, r), (k, r, r), (m, r, r // 2), (m, r, r // 2), (r, m, r)]
+        else:
+            products.append((m, r, r))
     return batched(products)
 
 

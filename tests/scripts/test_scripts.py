@@ -31,6 +31,11 @@ def test_dion_flop_count_is_8mnr_plus_rcqr_terms():
     assert bench_optimizers.flops(products) == expected
 
 
+def test_square_dion_matrix_at_full_rank_counts_householder_qr():
+    products = bench_optimizers.dion_products([(32, 32)], rank_fraction=1.0)
+    assert bench_optimizers.flops(products) == 8 * 32 ** 3 + 2 * 32 ** 3
+
+
 def test_dion_products_of_equal_shapes_are_batched():
     single = bench_optimizers.dion_products([(96, 32)], rank_fraction=0.25)
     triple = bench_optimizers.dion_products([(96, 32)] * 3, rank_fraction=0.25)
