@@ -36,6 +36,7 @@ def wsd_multiplier(step: int, warmup_steps: int, stable_steps: int, decay_steps:
     With linear decay the last step runs at (1 / D) of the peak (the LR would reach r one step later), as in the
     Dion trainer's warmdown.
     """
+    decay_shape = DecayShape(decay_shape)  # also accepts the plain string a JSON/YAML state round trip leaves
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if step < warmup_steps + stable_steps:

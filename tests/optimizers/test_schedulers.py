@@ -90,3 +90,22 @@ def test_rejects_bad_options():
         WSDScheduler(_optimizer(), 1, 1, 1, min_lr_ratio=1.5)
     with pytest.raises(ValueError, match="stable_steps must be an integer >= 0"):
         WSDScheduler(_optimizer(), 1, -1, 1)
+
+
+def test_scheduler_state_survives_a_json_round_trip():
+    import json
+    import torch
+    from optimizers.schedulers import WSDScheduler
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = WSDScheduler(optimizer, 0, 2, 4, decay_shape="linear")
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    restored_optimizer = torch.optim.SGD([param], lr=1.0)
+    restored = WSDScheduler(restored_optimizer, 0, 2, 4, decay_shape="linear")
+    restored.load_state_dict(json.loads(json.dumps(scheduler.state_dict())))
+    for _ in range(3):
+        optimizer.step(); scheduler.step()
+        restored_optimizer.step(); restored.step()
+        assert restored_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
