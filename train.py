@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,8 @@ from optimizers import OptimizerContext, build_optimizer
 from optimizers.registry import get_spec
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, TrainConfig, build_config
-from trainer.distributed import (Distributed, all_reduce_mean, init_distributed, no_gradient_sync, parallelize,
-                                 unwrap)
+from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed,
+                                 no_gradient_sync, parallelize, unwrap)
 from trainer.metrics import RunLogger
 from trainer.schedule import build_scheduler
 
@@ -167,6 +168,8 @@ def run(config: TrainConfig, env: Distributed) -> None:
         loader.load_state_dict(state["loader"])
         scheduler.load_state_dict(state["scheduler"])
         step, wandb_id, elapsed, tokens = state["step"], state["wandb_id"], state["elapsed"], state["tokens"]
+    if wandb_id is None and not config.no_wandb:
+        wandb_id = broadcast_from_main(uuid.uuid4().hex[:8], env)
     logger = RunLogger(config, env.is_main, step, wandb_id)
     if env.is_main and resume_from is not None:
         print(f"resumed from {resume_from} at step {step}")

@@ -161,6 +161,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
+def broadcast_from_main(value: Any, env: Distributed) -> Any:
+    """rank 0's value on every rank (picklable objects)."""
+    if env.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_mean(value: torch.Tensor, env: Distributed) -> torch.Tensor:
     """Mean over the data-parallel ranks (TP ranks hold the same value)."""
     if env.world_size > 1:

@@ -15,6 +15,8 @@ from trainer.config import TrainConfig
 
 class RunLogger:
     def __init__(self, config: TrainConfig, enabled: bool, resume_step: int, wandb_id: str | None):
+        """wandb_id: the run id, the same on every rank (it is stored in checkpoints so a resumed run continues
+        the same wandb run)."""
         self.enabled = enabled
         self.run_dir = Path(config.run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -27,8 +29,6 @@ class RunLogger:
         self._truncate_after(resume_step)
         if not config.no_wandb:
             import wandb
-            if self.wandb_id is None:
-                self.wandb_id = wandb.util.generate_id()
             self.wandb_run = wandb.init(project=config.wandb_project_name, name=config.wandb_job_name,
                                         id=self.wandb_id, resume="allow", config=config.to_dict(),
                                         dir=str(self.run_dir))

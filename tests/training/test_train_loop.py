@@ -105,3 +105,16 @@ def test_metrics_after_resume_drop_records_past_the_checkpoint(tmp_path):
     assert run_train(run_dir, "--optimizer", "adamw", "--num_iterations", "3", "--checkpoint_freq", "2") == 0
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["--optimizer", "adamw", "--no_wandb", "false", "--num_iterations", "4", "--checkpoint_freq", "2"]
+    assert run_train(tmp_path, *args, "--num_iterations", "2") == 0
+    first = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(first) == 1
+    run_id = first[0].name.rsplit("-", 1)[-1]
+    assert run_train(tmp_path, *args) == 0  # resumes at step 2 of 4
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {run.name.rsplit("-", 1)[-1] for run in runs} == {run_id}
