@@ -2,7 +2,10 @@
 GPT-2 BPE into shards on first use and cached, so a fresh clone trains with no network.
 
 Three plays are held out for validation (chosen by name, so the split never changes); the rest are training text.
-Each play is one document, preceded by the end-of-text token, like the FineWeb shards.
+Each play is one document, preceded by the end-of-text token, like the FineWeb shards. The training stream is cut
+into 2048-token passages that are shuffled with a fixed seed: read in order, consecutive batches would all come
+from one play, and a small model fitted to the play at hand generalizes poorly (FineWeb's documents are short and
+already mixed, so its shards need no such step).
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from data.tokenizer import EOT_TOKEN, gpt2_encoding
 VAL_PLAYS = ("hamlet", "the-tempest", "henry-v")
 SHARD_TOKENS = 2 ** 20
 CORPUS_NAME = "shakespeare"
-TRAIN_PATTERN = "shakespeare_train_*.bin"
-VAL_PATTERN = "shakespeare_val_*.bin"
+CACHE_VERSION = "v2"  # bump when the shard contents change, so stale caches are rebuilt
+PASSAGE_TOKENS = 2048
+SHUFFLE_SEED = 1623
 
 
 def default_cache_dir() -> Path:
@@ -50,13 +54,17 @@ def markdown_to_text(markdown: str) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
 
 
-def _write_split(out_dir: Path, split: str, documents: list[str]) -> None:
+def _write_split(out_dir: Path, split: str, documents: list[str], shuffle: bool) -> None:
     encoding = gpt2_encoding()
     tokens = []
     for doc in documents:
         tokens.append(EOT_TOKEN)
         tokens.extend(encoding.encode_ordinary(doc))
     tokens = np.array(tokens, dtype=np.uint16)
+    if shuffle:
+        passages = np.array_split(tokens, max(1, len(tokens) // PASSAGE_TOKENS))
+        order = np.random.default_rng(SHUFFLE_SEED).permutation(len(passages))
+        tokens = np.concatenate([passages[i] for i in order])
     for index, start in enumerate(range(0, len(tokens), SHARD_TOKENS)):
         write_shard(out_dir / f"{CORPUS_NAME}_{split}_{index:06d}.bin", tokens[start:start + SHARD_TOKENS])
 
@@ -65,7 +73,7 @@ def ensure_embedded_corpus(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the directory holding the corpus shards, building it on first use. Safe when several processes
     (ranks) call it at once: each builds in a private temporary directory and the first rename wins."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    out_dir = root / CORPUS_NAME
+    out_dir = root / f"{CORPUS_NAME}-{CACHE_VERSION}"
     if (out_dir / "COMPLETE").exists():
         return out_dir
     plays = _plays()
@@ -75,8 +83,9 @@ def ensure_embedded_corpus(cache_dir: str | os.PathLike | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CORPUS_NAME}-", dir=root))
     try:
-        _write_split(tmp, "train", [markdown_to_text(t) for n, t in plays.items() if n not in VAL_PLAYS])
-        _write_split(tmp, "val", [markdown_to_text(plays[n]) for n in VAL_PLAYS])
+        _write_split(tmp, "train", [markdown_to_text(t) for n, t in plays.items() if n not in VAL_PLAYS],
+                     shuffle=True)
+        _write_split(tmp, "val", [markdown_to_text(plays[n]) for n in VAL_PLAYS], shuffle=False)
         (tmp / "COMPLETE").write_text("ok\n")
         try:
             os.replace(tmp, out_dir)
