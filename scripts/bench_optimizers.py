@@ -4,8 +4,10 @@
     python scripts/bench_optimizers.py --preset 160m --device cuda --markdown > bench.md
     python scripts/bench_optimizers.py --optimizers dion muon --profile dion_r1
 
-1. Limits: fp32 matmul throughput at the exact product shapes each optimizer runs (median of --repeats), and copy
-   bandwidth (dst.copy_(src), read + write bytes) over a buffer as large as the benchmarked parameter set.
+1. Limits: fp32 matmul throughput at the exact product shapes each optimizer runs (batched as the optimizers batch
+   them; median of --repeats), and copy bandwidth (dst.copy_(src), read + write bytes) over a buffer as large as the
+   benchmarked parameter set; printed once at the start and measured again right after each case's steps (the
+   ratio of a case uses its own), since on a shared machine the limit drifts within minutes.
 2. Step time: median of --repeats `optimizer.step()` calls after --warmup, synchronized on CUDA, gradients set once.
    Matrix optimizers (Dion, Muon, Shampoo, SOAP) get the 2D block matrices of the preset: per layer q, k, v, o
    (d x d) and the MLP (4d x d, d x 4d). Element-wise optimizers get every parameter of the model (embedding, LM head,
@@ -86,6 +88,7 @@ class Result:
     state: int
     efficiency: float | None = None
     rate: float | None = None
+    limit: float | None = None
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -231,22 +234,26 @@ def fresh_parameters(template: dict[str, list[torch.Tensor]], matrices_only: boo
     return groups
 
 
-def run_case(case: Case, template, device, warmup: int, repeats: int, matmul: MatmulLimit,
-             bandwidth: float) -> Result:
+def run_case(case: Case, template, device, warmup: int, repeats: int) -> Result:
+    """Step time of one case, then its limit measured right away (the machine may be shared: a limit taken minutes
+    earlier can describe different conditions)."""
     groups = fresh_parameters(template, case.kind != "elementwise", device)
     parameters = sum(p.numel() for p in _all(groups))
     optimizer = case.make(groups)
     seconds = median_seconds(optimizer.step, device, warmup, repeats)
     result = Result(case, seconds, parameters, state_bytes(optimizer))
+    del optimizer
+    gc.collect()
     if case.kind == "matrix" and case.products:
+        matmul_seconds = MatmulLimit(device, warmup, repeats).total_seconds(case.products)
         result.rate = flops(case.products) / seconds
-        result.efficiency = matmul.total_seconds(case.products) / seconds
+        result.limit = flops(case.products) / matmul_seconds
+        result.efficiency = matmul_seconds / seconds
     elif case.kind == "elementwise":
         moved = 3 * parameters * FLOAT_BYTES + 2 * result.state
         result.rate = moved / seconds
-        result.efficiency = result.rate / bandwidth
-    del optimizer, groups
-    gc.collect()
+        result.limit = copy_bandwidth(parameters, device, warmup, repeats)
+        result.efficiency = result.rate / result.limit
     return result
 
 
@@ -398,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     report.note(f"Parameter sets: matrix optimizers {len(shapes)} block matrices {distinct} "
                 f"({sum(m * n for m, n in shapes):,} parameters); element-wise optimizers every parameter "
                 f"({total_parameters:,}). Warm-up {args.warmup}, median of {args.repeats}.")
-    report.heading("Limits (measured in this run)")
+    report.heading("Limits at the start of this run (each case re-measures its own, below)")
     limits = [[f"copy bandwidth, {total_parameters * FLOAT_BYTES / 2 ** 20:.0f} MiB buffer (read + write)",
                f"{bandwidth / 1e9:.1f} GB/s"]]
     for m, n in sorted({(max(shape), min(shape)) for shape in shapes}):
@@ -409,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         try:
-            results.append(run_case(case, template, device, args.warmup, args.repeats, matmul, bandwidth))
+            results.append(run_case(case, template, device, args.warmup, args.repeats))
         except Exception as error:  # an optimizer that cannot run here is reported, not fatal
             report.note(f"{case.label} not measured: {type(error).__name__}: {str(error).splitlines()[0]}")
         print(f"measured {case.label}", file=sys.stderr, flush=True)
@@ -418,15 +425,19 @@ def main(argv: list[str] | None = None) -> int:
 
     report.heading("Step time")
     report.note("Efficiency: matrix rows = bare-matmul time of the same products / step time (achieved FLOP/s over "
-                "the matmul limit at those shapes); element-wise rows = bytes moved / step time / copy bandwidth.")
+                "the limit: the FLOP/s of those products as bare batched matmuls); element-wise rows = bytes moved / "
+                "step time / copy bandwidth over a buffer of the same size. Each limit is measured right after the "
+                "case's steps.")
     rows = []
     for r in results:
-        achieved = ("" if r.rate is None else
-                    f"{r.rate / 1e9:.1f} GFLOP/s" if r.case.kind == "matrix" else f"{r.rate / 1e9:.1f} GB/s")
+        unit = "GFLOP/s" if r.case.kind == "matrix" else "GB/s"
+        achieved = "" if r.rate is None else f"{r.rate / 1e9:.1f} {unit}"
+        limit = "" if r.limit is None else f"{r.limit / 1e9:.1f} {unit}"
         efficiency = "" if r.efficiency is None else f"{r.efficiency:.0%}"
         ratio = f"{r.seconds / reference.seconds:.2f}x" if reference and r.case.kind == "elementwise" else ""
-        rows.append([r.case.label, f"{r.parameters:,}", f"{1e3 * r.seconds:.1f}", achieved, efficiency, ratio])
-    report.table(["optimizer", "parameters", "step ms (median)", "achieved", "efficiency",
+        rows.append([r.case.label, f"{r.parameters:,}", f"{1e3 * r.seconds:.1f}", achieved, limit, efficiency,
+                     ratio])
+    report.table(["optimizer", "parameters", "step ms (median)", "achieved", "limit", "efficiency",
                   "vs torch AdamW(foreach)"], rows)
 
     curve = [(name, [by_label.get(f"{name}_r{f:g}") for f in RANK_FRACTIONS]) for name in DION_NAMES]
