@@ -13,8 +13,9 @@
    (d x d) and the MLP (4d x d, d x 4d). Element-wise optimizers get every parameter of the model (embedding, LM head,
    block matrices, norm gains). Registered optimizers are built through the registry with the context defaults.
    - Dion (8 m n r per matrix for B Q, B^T P, P R^T, P Q^T, plus rcqr: S P, the QR of S P, two triangular solves and
-     P^T P; Householder QR for a square P) and Muon (5 Newton-Schulz iterations of X X^T, A A, B X on X = the update with rows <= columns) report
-     FLOP/s as a fraction of the matmul limit: the time the same products take as bare matmuls / step time.
+     P^T P; Householder QR for a square P) and Muon (5 Newton-Schulz iterations of X X^T, A A, B X on X = the
+     update with rows <= columns) report FLOP/s as a fraction of the matmul limit: the time the same products take
+     as bare matmuls / step time.
    - Element-wise optimizers report bytes/s as a fraction of copy bandwidth, counting the least traffic a step needs:
      read parameters and gradients, write parameters, read and write every state tensor once.
 3. The Dion step time vs rank fraction, optimizer-state bytes per parameter (Dion: expected m n + n r per matrix), and
