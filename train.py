@@ -30,6 +30,7 @@ from trainer.config import ConfigError, TrainConfig, build_config
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed,
                                  no_gradient_sync, parallelize, unwrap)
 from trainer.metrics import RunLogger
+from trainer.runtime import keep_large_allocations_in_heap
 from trainer.schedule import build_scheduler
 
 
@@ -283,6 +284,8 @@ def main(argv: list[str]) -> int:
     try:
         config = build_config(argv)
         env = init_distributed(config)
+        if env.device.type == "cpu":
+            keep_large_allocations_in_heap()
         if config.debug:
             torch.autograd.set_detect_anomaly(True)
         run(config, env)
