@@ -69,7 +69,7 @@ class Adam_Adv(AdvancedOptimizer):
         return self._shape_update(update, grad, reducer), group["lr"], group["lr"] * group["weight_decay"]
 
 
-class Adopt_Adv(AdvancedOptimizer):
+class Adopt_Adv(Adam_Adv):
     """ADOPT (Taniguchi et al. 2024, "ADOPT: Modified Adam Can Converge with Any beta2", Algorithm 1 with clipping):
     the gradient is normalized by the previous second moment, before the momentum.
 
@@ -87,22 +87,12 @@ class Adopt_Adv(AdvancedOptimizer):
                  ademamix_warmup_steps: int = 0, *, factored: bool = False, use_AdEMAMix: bool = False,
                  orthogonal_gradient: bool = False, cautious_mask: bool = False, grams: bool = False,
                  use_atan2: bool = False, stochastic_rounding: bool = False):
-        name = type(self).__name__
-        check_common_options(name, lr, betas, weight_decay)
-        check_option(name, "eps", eps, eps > 0.0, "> 0 (it bounds the normalized gradient)")
-        check_ademamix_options(name, betas[0], alpha, beta3_ema, ademamix_warmup_steps)
-        features = Features(factored=factored, use_AdEMAMix=use_AdEMAMix, orthogonal_gradient=orthogonal_gradient,
-                            cautious_mask=cautious_mask, grams=grams, use_atan2=use_atan2,
-                            stochastic_rounding=stochastic_rounding)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=alpha,
-                        beta3_ema=beta3_ema, ademamix_warmup_steps=ademamix_warmup_steps)
-        super().__init__(params, defaults, features)
-        self._first = Moment("exp_avg", signed=True, factored=factored)
-        self._second = Moment("exp_avg_sq", signed=False, factored=factored)
-
-    def _moments(self, group: dict) -> list[Moment]:
-        first = [self._first] if group["betas"][0] > 0.0 else []
-        return first + [self._second] + self._slow_moments()
+        # Adam_Adv's options and states with other defaults; eps must be positive here.
+        check_option(type(self).__name__, "eps", eps, eps > 0.0, "> 0 (it bounds the normalized gradient)")
+        super().__init__(params, lr, betas, eps, weight_decay, alpha, beta3_ema, ademamix_warmup_steps,
+                         factored=factored, use_AdEMAMix=use_AdEMAMix, orthogonal_gradient=orthogonal_gradient,
+                         cautious_mask=cautious_mask, grams=grams, use_atan2=use_atan2,
+                         stochastic_rounding=stochastic_rounding)
 
     def _direction(self, param: Tensor, local: Tensor, grad: Tensor, state: dict, group: dict,
                    reducer: ShardReducer) -> UpdateResult:
