@@ -55,7 +55,8 @@ def test_layout_matches_single_process(layout, optimizer, single_process, tmp_pa
     assert losses == pytest.approx(single_process[optimizer], rel=rtol)
 
 
-@pytest.mark.parametrize("layout, optimizer", [("fsdp_tp", "adamw"), ("hsdp", "dion")])
+@pytest.mark.parametrize("layout, optimizer", [("fsdp_tp", "adamw"), ("hsdp", "dion"), ("fsdp", "adamw"), ("ddp", "dion"),
+                                               ("tp", "dion")])
 def test_layout_resumes_exactly_from_its_own_checkpoint(layout, optimizer, tmp_path):
     nproc, mesh_args = LAYOUTS[layout]
     args = [*OPTIMIZERS[optimizer][0], *mesh_args, *STEPS[2:], "--num_iterations", "4", "--checkpoint_freq", "2"]
