@@ -114,7 +114,8 @@ def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, monkeypatch):
     assert run_train(tmp_path, *args, "--num_iterations", "2") == 0
     first = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(first) == 1
-    run_id = first[0].name.rsplit("-", 1)[-1]
+    # offline-run-<date>_<time>-<id>, with "-1" appended when both runs start within the same second
+    run_id = first[0].name.split("-")[3]
     assert run_train(tmp_path, *args) == 0  # resumes at step 2 of 4
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and {run.name.rsplit("-", 1)[-1] for run in runs} == {run_id}
+    assert len(runs) == 2 and {run.name.split("-")[3] for run in runs} == {run_id}
