@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
 from optimizers.scalar_updates import adamw_update
 
 
@@ -34,10 +35,7 @@ class AdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             # Parameters that skipped a step (no grad) have their own step count: bucket by it.
             buckets: dict[float, list[Tensor]] = defaultdict(list)

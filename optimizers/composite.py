@@ -11,6 +11,8 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
+
 
 class CompositeOptimizer(Optimizer):
     """`param_groups` is the concatenation of the parts' groups (the same dict objects, so schedulers that edit
@@ -46,10 +48,7 @@ class CompositeOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for opt in self.optimizers:
             opt.step()
         return loss

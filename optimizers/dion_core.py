@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
 from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
                                          as_like, group_size, local_tensor, matrix_layout, process_group, q_placements,
                                          run_blocking)
@@ -239,10 +240,7 @@ class DionBase(Optimizer, abc.ABC):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         matrix_tasks: list[MatrixTask] = []
         scalar_groups: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:

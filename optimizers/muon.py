@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
 from optimizers.options import parse_choice
 from optimizers.scalar_updates import adamw_update, lion_update
 
@@ -338,10 +339,7 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         muon_groups: list[tuple[dict, list[Tensor]]] = []
         muon_params: list[Tensor] = []
         muon_updates: list[Tensor] = []

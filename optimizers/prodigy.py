@@ -26,6 +26,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
+
 
 @torch.no_grad()
 def prodigy_moments_update(grads: list[Tensor], exp_avgs: list[Tensor] | None, exp_avg_sqs: list[Tensor], *,
@@ -120,10 +122,7 @@ class Prodigy(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         shared = self.param_groups[0]
         beta1, beta2 = shared["betas"]
         beta3 = shared["beta3"] if shared["beta3"] is not None else math.sqrt(beta2)

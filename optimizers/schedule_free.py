@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
+
 
 @torch.no_grad()
 def schedule_free_adamw_update(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -98,10 +100,7 @@ class ScheduleFreeAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.train()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

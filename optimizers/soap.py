@@ -31,6 +31,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
+
 
 def merged_shape(shape: torch.Size, max_dim: int) -> list[int]:
     """Merge consecutive dimensions while their product stays <= max_dim; a larger dimension stays alone.
@@ -154,10 +156,7 @@ class SOAP(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
+
 
 @torch.no_grad()
 def sophia_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hessians: list[Tensor], *,
@@ -108,10 +110,7 @@ class Sophia(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

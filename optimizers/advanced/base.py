@@ -29,6 +29,7 @@ from optimizers.advanced.features import Features
 from optimizers.advanced.sharding import ShardReducer, local_tensor, shard_groups
 from optimizers.advanced.transforms import (ademamix_alpha, ademamix_beta3, cautious_mask_, copy_stochastic_,
                                             grams_, orthogonalize_gradient)
+from optimizers.closure import closure_loss
 
 UpdateResult = tuple[Tensor, float, float] | None
 
@@ -150,10 +151,7 @@ class AdvancedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         # With fused backward hooks the hooks have already stepped and freed every gradient of the backward pass;
         # a gradient still present was set by hand (e.g. torch.distributed.checkpoint initializing the state with
         # zero gradients and lr 0) and is stepped here.

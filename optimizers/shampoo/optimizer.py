@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
+from optimizers.closure import closure_loss
 from optimizers.shampoo.blocking import BlockPlan, plan_blocks
 from optimizers.shampoo.config import (GraftingType, LargeDimMethod, Precision, RootInverseMethod, ShampooConfig)
 from optimizers.shampoo.distributed import compute_shared
@@ -105,10 +106,7 @@ class DistributedShampoo(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         updates = []
         root_inverse_requests = []
         for group in self.param_groups:
