@@ -27,9 +27,11 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
 from optimizers.closure import closure_loss
+from optimizers.foreach_tiles import tiled
 
 
 @torch.no_grad()
+@tiled(3)
 def prodigy_moments_update(grads: list[Tensor], exp_avgs: list[Tensor] | None, exp_avg_sqs: list[Tensor], *,
                            d: float, beta1: float, beta2: float) -> None:
     """Moments of the d-scaled gradient:  m <- beta1 m + d (1 - beta1) g;   v <- beta2 v + d^2 (1 - beta2) g^2."""
@@ -41,6 +43,7 @@ def prodigy_moments_update(grads: list[Tensor], exp_avgs: list[Tensor] | None, e
 
 
 @torch.no_grad()
+@tiled(3)
 def prodigy_apply_update(params: list[Tensor], numerators: list[Tensor], exp_avg_sqs: list[Tensor], *, dlr: float,
                          d: float, epsilon: float, decoupled_weight_decay: float) -> None:
     """p <- p - wd dlr p;   p <- p - dlr m / (sqrt(v) + d eps)     (numerators: m, or d g when beta1 = 0)."""

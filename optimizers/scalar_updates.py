@@ -3,7 +3,7 @@
 AdamW and Lion are used on their own (`optimizers.adamw.AdamW`, `optimizers.lion.Lion`) and as the "scalar"
 algorithm for embeddings, norm gains and the LM head inside matrix optimizers (Dion, Muon, ...). Each function
 updates its tensors in place and takes python scalars for hyper-parameters, so one call can serve a whole list of
-parameters (the foreach path). State tensors may be stored in a lower precision than the parameters (mixed
+parameters (the foreach path); on CPU the lists run tile by tile (`optimizers.foreach_tiles`). State tensors may be stored in a lower precision than the parameters (mixed
 precision states); the arithmetic then runs in float32 and is written back.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from optimizers.foreach_tiles import tiled
 
 
 def _same_dtype(*lists: list[Tensor]) -> bool:
@@ -36,6 +38,7 @@ def _foreach_buckets(*lists: list[Tensor]):
 
 
 @torch.no_grad()
+@tiled(4)
 def adamw_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  *, lr: float, beta1: float, beta2: float, weight_decay: float, epsilon: float, step: int) -> None:
     """AdamW (Loshchilov & Hutter 2019), identical to torch.optim.AdamW (non-amsgrad).
@@ -81,6 +84,7 @@ def adamw_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
 
 
 @torch.no_grad()
+@tiled(3)
 def lion_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                 *, lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2).

@@ -20,9 +20,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from optimizers.closure import closure_loss
+from optimizers.foreach_tiles import tiled
 
 
 @torch.no_grad()
+@tiled(4)
 def schedule_free_adamw_update(ys: list[Tensor], grads: list[Tensor], zs: list[Tensor], exp_avg_sqs: list[Tensor],
                                *, lr: float, beta1: float, beta2: float, weight_decay: float, epsilon: float,
                                step: int, averaging_weight: float) -> None:

@@ -24,9 +24,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from optimizers.closure import closure_loss
+from optimizers.foreach_tiles import tiled
 
 
 @torch.no_grad()
+@tiled(4)
 def sophia_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hessians: list[Tensor], *,
                   lr: float, beta1: float, rho: float, tokens_per_step: int, weight_decay: float,
                   epsilon: float) -> None:
@@ -51,6 +53,7 @@ def sophia_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
 
 
 @torch.no_grad()
+@tiled(2)
 def gnb_hessian_update(hessians: list[Tensor], sampled_grads: list[Tensor], *, beta2: float) -> None:
     """Gauss-Newton-Bartlett diagonal estimate, as an EMA:  h <- beta2 h + (1 - beta2) g_hat * g_hat,
     where g_hat is the gradient of the mean loss on labels sampled from the model's own output distribution."""

@@ -42,21 +42,24 @@ def test_adamw_foreach_path_equals_torch_adamw(torch_foreach):
     # Same element-wise operations in the same order: tolerance 0 (bitwise), including a parameter that stops
     # receiving gradients (per-parameter step counts).
     ours_params, their_params = _twins()
-    ours = AdamW(_groups(ours_params), betas=(0.9, 0.95), eps=1e-8)
+    ours = AdamW(_groups(ours_params), betas=(0.9, 0.95), eps=1e-8, fused=False)
     theirs = torch.optim.AdamW(_groups(their_params), betas=(0.9, 0.95), eps=1e-8, foreach=torch_foreach)
     _run([(ours, ours_params), (theirs, their_params)], steps=6, skip_last_from=3)
     assert all(torch.equal(p, q) for p, q in zip(ours_params, their_params))
 
 
-def test_adamw_fused_path_equals_torch_fused_adamw():
-    # Both call torch's fused kernel: tolerance 0. Against the foreach path the kernel's arithmetic differs in the
-    # last bits: atol 1e-6.
+@pytest.mark.parametrize("fused", [None, True])
+def test_adamw_fused_path_equals_torch_fused_adamw(fused):
+    # The default (fused=None) takes torch's fused kernel for plain CPU tensors of one dtype, as fused=True does;
+    # both equal torch's fused AdamW with tolerance 0, including a parameter that stops receiving gradients (the
+    # kernel gets per-bucket step counts). Against the foreach path the kernel's arithmetic differs in the last
+    # bits: atol 1e-6.
     ours_params, their_params = _twins()
     foreach_params, _ = _twins()
-    ours = AdamW(_groups(ours_params), fused=True)
+    ours = AdamW(_groups(ours_params), fused=fused)
     theirs = torch.optim.AdamW(_groups(their_params), fused=True)
-    foreach = AdamW(_groups(foreach_params))
-    _run([(ours, ours_params), (theirs, their_params), (foreach, foreach_params)], steps=5)
+    foreach = AdamW(_groups(foreach_params), fused=False)
+    _run([(ours, ours_params), (theirs, their_params), (foreach, foreach_params)], steps=5, skip_last_from=3)
     assert all(torch.equal(p, q) for p, q in zip(ours_params, their_params))
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ours_params, foreach_params))
 

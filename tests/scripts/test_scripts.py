@@ -74,7 +74,8 @@ def test_bench_prints_a_verdict_for_every_target_and_exact_state_bytes(micro_pre
     expected_targets = ["dion rank fraction 1: FLOP/s / matmul limit",
                         "dion rank fraction 0.25: FLOP/s / matmul limit",
                         "muon: Newton-Schulz FLOP/s / matmul limit", "muon step time / torch.optim.Muon",
-                        "adamw: bytes/s / copy bandwidth", "adamw_fused: bytes/s / copy bandwidth",
+                        "adamw: bytes/s / copy bandwidth", "adamw_foreach: bytes/s / copy bandwidth",
+                        "adamw step time / torch.optim.AdamW(fused)",
                         "lion: bytes/s / copy bandwidth", "train.py tokens/s / minimal loop"]
     assert sorted(set(expected_targets) - set(verdicts)) == []
     memory = {row[0]: row for row in table_rows(output, "") if len(row) == 4 and row[0] != "optimizer"}

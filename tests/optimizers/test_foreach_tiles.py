@@ -1,0 +1,100 @@
+"""Cache tiling of element-wise foreach updates (optimizers/foreach_tiles.py): the tiles cover every element once,
+tiling is refused where it is invalid, and every tiled update function computes what it computes untiled."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimizers import foreach_tiles
+from optimizers.foreach_tiles import cache_tiles, tileable
+from optimizers.prodigy import prodigy_apply_update, prodigy_moments_update
+from optimizers.scalar_updates import adamw_update, lion_update
+from optimizers.schedule_free import schedule_free_adamw_update
+from optimizers.sophia import gnb_hessian_update, sophia_update
+
+# Sizes chosen so that tiles of 1000 elements cut tensors in the middle, and several small tensors share a tile.
+SHAPES = [(37, 61), (5,), (3000,), (7, 11), (1,), (1200,)]
+
+
+def test_tiles_cover_every_element_once_in_order():
+    tensors = [torch.arange(torch.Size(s).numel(), dtype=torch.float32).reshape(s) + 10_000 * i
+               for i, s in enumerate(SHAPES)]
+    states = [t.clone() for t in tensors]
+    tiles = list(cache_tiles([tensors, states], 1000))
+    sizes = [sum(piece.numel() for piece in pieces) for pieces, _ in tiles]
+    assert all(size == 1000 for size in sizes[:-1]) and 0 < sizes[-1] <= 1000
+    flat = torch.cat([piece for pieces, _ in tiles for piece in pieces])
+    assert torch.equal(flat, torch.cat([t.reshape(-1) for t in tensors]))
+    # Parallel lists are cut at the same places, and the pieces are views: writing them writes the tensors.
+    for pieces, state_pieces in tiles:
+        assert [p.numel() for p in pieces] == [s.numel() for s in state_pieces]
+        for piece in state_pieces:
+            piece.zero_()
+    assert all(not s.any() for s in states)
+
+
+def test_tiling_is_refused_where_it_is_invalid_or_pointless():
+    big = [torch.zeros(3000), torch.zeros(500)]
+    assert tileable([big, [torch.zeros(3000), torch.zeros(500)]], 1000)
+    assert not tileable([big, [torch.zeros(3000), torch.zeros(501)]], 1000)     # sizes differ
+    assert not tileable([big, [torch.zeros(3000)]], 1000)                       # lengths differ
+    assert not tileable([[torch.zeros(100, 40).t()]], 1000)                     # not contiguous
+    assert not tileable([[torch.zeros(900)]], 1000)                             # fits one tile already
+    assert not tileable([[]], 1000)
+    assert not tileable([big, [torch.zeros(3000, dtype=torch.float64), torch.zeros(500)]], 10_000)
+
+
+def _lists(count, seed=0, positive=()):
+    generator = torch.Generator().manual_seed(seed)
+    lists = []
+    for index in range(count):
+        tensors = [torch.randn(s, generator=generator) for s in SHAPES]
+        if index in positive:
+            tensors = [t.abs() for t in tensors]
+        lists.append(tensors)
+    return lists
+
+
+CASES = {
+    "adamw": (adamw_update, 4, (3,), dict(lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1, epsilon=1e-8, step=3)),
+    "lion": (lion_update, 3, (), dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1)),
+    "schedule_free": (schedule_free_adamw_update, 4, (3,),
+                      dict(lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1, epsilon=1e-8, step=3,
+                           averaging_weight=0.25)),
+    "sophia": (sophia_update, 4, (3,), dict(lr=1e-2, beta1=0.96, rho=0.05, tokens_per_step=64, weight_decay=0.1,
+                                           epsilon=1e-15)),
+    "gnb_hessian": (gnb_hessian_update, 2, (0,), dict(beta2=0.99)),
+    "prodigy_moments": (prodigy_moments_update, 3, (2,), dict(d=1e-3, beta1=0.9, beta2=0.99)),
+    "prodigy_apply": (prodigy_apply_update, 3, (2,), dict(dlr=1e-3, d=1e-3, epsilon=1e-8,
+                                                          decoupled_weight_decay=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_tiled_update_equals_untiled(name, monkeypatch):
+    fn, count, positive, kwargs = CASES[name]
+    tiled_lists = _lists(count, positive=positive)
+    untiled_lists = [[t.clone() for t in tensors] for tensors in tiled_lists]
+    monkeypatch.setattr(foreach_tiles, "TILE_ELEMENTS", 1000)
+    calls = []
+    monkeypatch.setattr(foreach_tiles, "cache_tiles",
+                        lambda lists, size: calls.append(size) or list(cache_tiles(lists, size)))
+    fn(*tiled_lists, **kwargs)
+    fn.untiled(*untiled_lists, **kwargs)
+    assert calls == [1000], "the update did not run tile by tile"
+    for tiled_tensors, untiled_tensors in zip(tiled_lists, untiled_lists):
+        for a, b in zip(tiled_tensors, untiled_tensors):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # The update changed something: the comparison is not between two untouched copies.
+    originals = _lists(count, positive=positive)
+    assert any(not torch.equal(a, b) for tensors, before in zip(tiled_lists, originals) for a, b in zip(tensors, before))
+
+
+def test_prodigy_moments_without_first_moment_tiles_the_rest(monkeypatch):
+    grads, _, exp_avg_sqs = _lists(3, positive=(2,))
+    expected = [v.clone() for v in exp_avg_sqs]
+    monkeypatch.setattr(foreach_tiles, "TILE_ELEMENTS", 1000)
+    prodigy_moments_update(grads, None, exp_avg_sqs, d=1e-3, beta1=0.0, beta2=0.99)
+    prodigy_moments_update.untiled(grads, None, expected, d=1e-3, beta1=0.0, beta2=0.99)
+    for a, b in zip(exp_avg_sqs, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
