@@ -26,6 +26,7 @@ class Adam_Adv(AdvancedOptimizer):
     AdEMAMix (Pagliardini et al. 2024): alpha ~ 5, beta3_ema ~ 0.9999, ademamix_warmup_steps ~ the run length.
     """
     SUPPORTED_FEATURES = ALL_FEATURES
+    ELEMENTWISE_DIRECTION = True
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, alpha: float = 5.0, beta3_ema: float = 0.9999,
@@ -130,6 +131,7 @@ class Simplified_AdEMAMix(AdvancedOptimizer):
     beta1)) with a beta1 warmup). alpha: ~100 for small batches, ~0 for large ones. State: step, exp_avg, exp_avg_sq.
     """
     SUPPORTED_FEATURES = frozenset({"factored", "orthogonal_gradient", "stochastic_rounding"})
+    ELEMENTWISE_DIRECTION = True
 
     def __init__(self, params, lr: float = 1e-5, betas: tuple[float, float] = (0.99, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, alpha: float = 0.0, beta1_warmup_steps: int = 0,

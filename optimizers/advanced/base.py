@@ -15,6 +15,12 @@ so full gradients never coexist in memory. `step()` then only finishes per-step 
 Prodigy's D estimate): it steps only parameters that still hold a gradient, so none is updated a second time.
 Incompatible with gradient accumulation (the hook would step on every micro-batch); train.py refuses that
 combination.
+
+Cache tiling: a member whose `_direction` is element-wise (ELEMENTWISE_DIRECTION; Adam_Adv, Adopt_Adv,
+Simplified_AdEMAMix, Lion_Adv) runs it, with the update, on one ~1 MiB slice of the parameter, its gradient and its
+states at a time when the parameter is a plain contiguous float32 CPU tensor with dense float32 states and no
+feature reduces over the tensor (factored, orthogonal_gradient, cautious_mask): the several passes and temporaries
+of a step then stay in cache (see optimizers/foreach_tiles.py) and the arithmetic per element is unchanged.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from optimizers.advanced.features import Features
 from optimizers.advanced.sharding import ShardReducer, local_tensor, shard_groups
 from optimizers.advanced.transforms import (ademamix_alpha, ademamix_beta3, cautious_mask_, copy_stochastic_,
                                             grams_, orthogonalize_gradient)
+from optimizers import foreach_tiles
 from optimizers.closure import closure_loss
 
 UpdateResult = tuple[Tensor, float, float] | None
@@ -80,6 +87,9 @@ class AdvancedOptimizer(Optimizer):
     `optimizers.advanced.factored.Moment` for the dense and factored layouts)."""
 
     SUPPORTED_FEATURES: ClassVar[frozenset[str]]
+    # True when `_direction` is element-wise for dense states (no reduction over the tensor, nothing but the
+    # parameter-shaped states read or written): the base class may then run it slice by slice.
+    ELEMENTWISE_DIRECTION: ClassVar[bool] = False
 
     def __init__(self, params, defaults: dict, features: Features):
         features.check(type(self).__name__, self.SUPPORTED_FEATURES)
@@ -142,12 +152,42 @@ class AdvancedOptimizer(Optimizer):
         state["step"] += 1
         reducer = ShardReducer(shard_groups(param))
         grad = local_tensor(param.grad).float()
+        tiles = self._cache_tiles(param, local, grad, state)
+        if tiles is not None:
+            for local_tile, grad_tile, state_tile in tiles:
+                self._step_tensor(param, local_tile, grad_tile, state_tile, group, reducer)
+            return
         if self.features.orthogonal_gradient:
             grad = orthogonalize_gradient(local.float(), grad, reducer)
+        self._step_tensor(param, local, grad, state, group, reducer)
+
+    def _step_tensor(self, param: Tensor, local: Tensor, grad: Tensor, state: dict, group: dict,
+                     reducer: ShardReducer) -> None:
         result = self._direction(param, local, grad, state, group, reducer)
         if result is not None:
             update, step_size, decay = result
             apply_update_(local, update, step_size, decay, self.features.stochastic_rounding)
+
+    def _cache_tiles(self, param: Tensor, local: Tensor, grad: Tensor, state: dict):
+        """(local, grad, state) slices covering the parameter, or None where slicing is not valid or not useful
+        (see the module docstring)."""
+        features = self.features
+        if (not self.ELEMENTWISE_DIRECTION or features.factored or features.orthogonal_gradient
+                or features.cautious_mask or local is not param or local.dtype != torch.float32):
+            return None
+        tensors = {key: value for key, value in state.items() if isinstance(value, Tensor)}
+        if not all(value.dtype == torch.float32 and value.shape == local.shape for value in tensors.values()):
+            return None
+        keys = list(tensors)
+        lists = [[local], [grad]] + [[tensors[key]] for key in keys]
+        if not foreach_tiles.tileable(lists, foreach_tiles.TILE_ELEMENTS):
+            return None
+        tiles = []
+        for tile in foreach_tiles.cache_tiles(lists, foreach_tiles.TILE_ELEMENTS):
+            (local_tile,), (grad_tile,) = tile[0], tile[1]
+            state_tile = {**state, **{key: pieces[0] for key, pieces in zip(keys, tile[2:])}}
+            tiles.append((local_tile, grad_tile, state_tile))
+        return tiles
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -18,6 +18,7 @@ class Lion_Adv(AdvancedOptimizer):
     Typical settings: lr 3-10x smaller than AdamW's, weight decay 3-10x larger. State: step, exp_avg.
     """
     SUPPORTED_FEATURES = frozenset({"factored", "orthogonal_gradient", "cautious_mask", "stochastic_rounding"})
+    ELEMENTWISE_DIRECTION = True
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  *, factored: bool = False, use_AdEMAMix: bool = False, orthogonal_gradient: bool = False,

@@ -98,3 +98,55 @@ def test_prodigy_moments_without_first_moment_tiles_the_rest(monkeypatch):
     prodigy_moments_update.untiled(grads, None, expected, d=1e-3, beta1=0.0, beta2=0.99)
     for a, b in zip(exp_avg_sqs, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
+
+
+# ----------------------------------------------------------------------------------- advanced family, per tensor
+
+@pytest.mark.parametrize("cls_name, options", [
+    ("Adam_Adv", {}), ("Adam_Adv", dict(use_AdEMAMix=True, grams=True)), ("Adam_Adv", dict(use_atan2=True)),
+    ("Adopt_Adv", {}), ("Simplified_AdEMAMix", dict(alpha=2.0)), ("Lion_Adv", {}),
+])
+def test_advanced_family_tiled_steps_equal_untiled(cls_name, options, monkeypatch):
+    import optimizers.advanced as advanced
+    cls = getattr(advanced, cls_name)
+
+    def run(tile_elements):
+        monkeypatch.setattr(foreach_tiles, "TILE_ELEMENTS", tile_elements)
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in SHAPES]
+        optimizer = cls(params, lr=1e-2, weight_decay=0.1, **options)
+        tiled_calls = []
+        original = optimizer._step_tensor
+        optimizer._step_tensor = lambda *args: tiled_calls.append(args[1].numel()) or original(*args)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        return params, optimizer, tiled_calls
+
+    tiled_params, tiled_optimizer, tiled_calls = run(1000)
+    untiled_params, untiled_optimizer, untiled_calls = run(10 ** 9)
+    assert len(untiled_calls) == 3 * len(SHAPES) and len(tiled_calls) > len(untiled_calls)
+    assert max(tiled_calls) <= 1000
+    for a, b in zip(tiled_params, untiled_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(tiled_params, untiled_params):
+        for key, value in tiled_optimizer.state[a].items():
+            other = untiled_optimizer.state[b][key]
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, other, rtol=1e-6, atol=1e-7)
+            else:
+                assert value == other
+
+
+def test_advanced_family_does_not_tile_tensor_reductions(monkeypatch):
+    # cautious_mask rescales by the kept fraction of the whole tensor: slicing would change the result.
+    from optimizers.advanced import Adam_Adv
+    monkeypatch.setattr(foreach_tiles, "TILE_ELEMENTS", 1000)
+    params = [torch.nn.Parameter(torch.randn(3000))]
+    optimizer = Adam_Adv(params, cautious_mask=True)
+    params[0].grad = torch.randn(3000)
+    assert optimizer._cache_tiles(params[0], params[0], params[0].grad, {"step": 1}) is None
+    plain = Adam_Adv(params)
+    plain.step()
+    assert plain._cache_tiles(params[0], params[0], params[0].grad, plain.state[params[0]]) is not None
