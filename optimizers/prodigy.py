@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
+from optimizers import foreach_tiles
 from optimizers.closure import closure_loss
 from optimizers.foreach_tiles import tiled
 
@@ -147,6 +148,13 @@ class Prodigy(Optimizer):
             active.append((group, params, grads, states, dlr))
             if not params or group["lr"] == 0.0:
                 continue
+            s_scale = (d / d0) * (d if group["safeguard_warmup"] else dlr)
+            if slice_p == 1 and not distributed and self._statistics_tileable(params, grads, states, beta1):
+                dot, l1_norm = self._tiled_statistics(params, grads, states, d=d, beta1=beta1, beta2=beta2,
+                                                      beta3=beta3, s_scale=s_scale)
+                numerator_terms.append((d / d0) * dlr * dot)
+                denominator_terms.append(l1_norm)
+                continue
             sliced_grads = [g.reshape(-1)[::slice_p] for g in grads]
             shares = [_share_of_world(p, world) if distributed else 1.0 for p in params]
             # <g, x0 - x> on the sliced elements, weighted (d / d0) dlr.
@@ -157,7 +165,7 @@ class Prodigy(Optimizer):
                                    [_local(s["exp_avg_sq"]) for s in states], d=d, beta1=beta1, beta2=beta2)
             s_list = [s["s"] for s in states]
             torch._foreach_mul_(s_list, beta3)
-            torch._foreach_add_(s_list, sliced_grads, alpha=(d / d0) * (d if group["safeguard_warmup"] else dlr))
+            torch._foreach_add_(s_list, sliced_grads, alpha=s_scale)
             l1_norms = torch.stack(torch._foreach_norm(s_list, 1)).double()
             denominator_terms.append((l1_norms * torch.tensor(shares, dtype=torch.float64,
                                                               device=l1_norms.device)).sum())
@@ -184,6 +192,37 @@ class Prodigy(Optimizer):
                                  dlr=dlr, d=d, epsilon=group["eps"],
                                  decoupled_weight_decay=group["weight_decay"] if group["decouple"] else 0.0)
         return loss
+
+    @staticmethod
+    def _statistics_tileable(params: list[Tensor], grads: list[Tensor], states: list[dict], beta1: float) -> bool:
+        lists = [params, grads, [s["s"] for s in states], [s["exp_avg_sq"] for s in states]]
+        if beta1 > 0.0:
+            lists.append([s["exp_avg"] for s in states])
+        return foreach_tiles.tileable(lists, foreach_tiles.TILE_ELEMENTS)
+
+    @staticmethod
+    def _tiled_statistics(params: list[Tensor], grads: list[Tensor], states: list[dict], *, d: float, beta1: float,
+                          beta2: float, beta3: float, s_scale: float) -> tuple[Tensor, Tensor]:
+        """The statistics pass of a step (slice_p = 1, plain CPU tensors) slice by slice, so that its four passes
+        (<g, x0 - x>, the moments, s, ||s||_1) read each slice from DRAM once (see optimizers/foreach_tiles.py).
+        Returns (sum <g, x0 - x>, sum ||s||_1) in float64; the same sums as the untiled pass, accumulated per
+        slice."""
+        dot = torch.zeros((), dtype=torch.float64)
+        l1_norm = torch.zeros((), dtype=torch.float64)
+        size = foreach_tiles.TILE_ELEMENTS
+        for p, g, state in zip(params, grads, states):
+            p, g, p0, s = p.detach().view(-1), g.view(-1), state["p0"], state["s"]
+            v = state["exp_avg_sq"].view(-1)
+            m = state["exp_avg"].view(-1) if beta1 > 0.0 else None
+            for start in range(0, p.numel(), size):
+                piece = slice(start, start + size)
+                initial = p0[piece] if p0.dim() > 0 else p0  # p0 is a scalar 0 for an all-zero initial parameter
+                dot += torch.dot(g[piece], initial - p[piece]).double()
+                prodigy_moments_update.untiled([g[piece]], None if m is None else [m[piece]], [v[piece]], d=d,
+                                               beta1=beta1, beta2=beta2)
+                s_piece = s[piece].mul_(beta3).add_(g[piece], alpha=s_scale)
+                l1_norm += torch.linalg.vector_norm(s_piece, 1).double()
+        return dot, l1_norm
 
 
 def build(ctx) -> Optimizer:

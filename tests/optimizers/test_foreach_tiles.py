@@ -150,3 +150,33 @@ def test_advanced_family_does_not_tile_tensor_reductions(monkeypatch):
     plain = Adam_Adv(params)
     plain.step()
     assert plain._cache_tiles(params[0], params[0], params[0].grad, plain.state[params[0]]) is not None
+
+
+@pytest.mark.parametrize("options", [dict(), dict(betas=(0.0, 0.99), decouple=False, safeguard_warmup=True)])
+def test_prodigy_tiled_statistics_equal_untiled(options, monkeypatch):
+    from optimizers.prodigy import Prodigy
+
+    def run(tile_elements):
+        monkeypatch.setattr(foreach_tiles, "TILE_ELEMENTS", tile_elements)
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in SHAPES]
+        params[2].data.zero_()  # an all-zero initial parameter keeps p0 as a scalar 0
+        optimizer = Prodigy(params, lr=1.0, weight_decay=0.1, d0=1e-3, **options)
+        tiled = []
+        original = optimizer._tiled_statistics
+        optimizer._tiled_statistics = lambda *args, **kwargs: tiled.append(1) or original(*args, **kwargs)
+        targets = [torch.randn(p.shape, generator=generator) for p in params]
+        for _ in range(3):  # gradients of 0.5 ||p - target||^2: consistent directions, so d grows
+            for p, target in zip(params, targets):
+                p.grad = p.detach() - target
+            optimizer.step()
+        return params, optimizer.param_groups[0], tiled
+
+    tiled_params, tiled_group, tiled_calls = run(1000)
+    untiled_params, untiled_group, untiled_calls = run(10 ** 9)
+    assert len(tiled_calls) == 3 and untiled_calls == []
+    assert tiled_group["d"] > 1e-3  # the estimate moved, so the statistics matter
+    for key in ("d", "d_hat", "d_numerator", "d_denom"):
+        assert tiled_group[key] == pytest.approx(untiled_group[key], rel=1e-5)
+    for a, b in zip(tiled_params, untiled_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
