@@ -30,12 +30,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from optimizers import foreach_tiles
 from optimizers.advanced.factored import Moment
 from optimizers.advanced.features import Features
 from optimizers.advanced.sharding import ShardReducer, local_tensor, shard_groups
 from optimizers.advanced.transforms import (ademamix_alpha, ademamix_beta3, cautious_mask_, copy_stochastic_,
                                             grams_, orthogonalize_gradient)
-from optimizers import foreach_tiles
 from optimizers.closure import closure_loss
 
 UpdateResult = tuple[Tensor, float, float] | None
