@@ -26,7 +26,8 @@ from models import GPT, GPTConfig
 from optimizers import OptimizerContext, build_optimizer
 from optimizers.registry import get_spec
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import ConfigError, TrainConfig, build_config
+from trainer.config import TrainConfig, build_config
+from trainer.errors import ConfigError, UserError
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed,
                                  no_gradient_sync, parallelize, unwrap)
 from trainer.metrics import RunLogger
@@ -289,7 +290,7 @@ def main(argv: list[str]) -> int:
         if config.debug:
             torch.autograd.set_detect_anomaly(True)
         run(config, env)
-    except (ConfigError, ShardError, FileNotFoundError) as error:
+    except (UserError, ShardError, FileNotFoundError) as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
         return 2

@@ -19,14 +19,12 @@ from typing import Any
 
 import yaml
 
+from trainer.errors import ConfigError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SCHEDULES = ("wsd", "cosine", "constant")
 QR_METHODS = ("qr", "cqr", "rcqr")
 SCALAR_OPTIMIZERS = ("adamw", "lion")
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message is one line naming the key, file or value and what is allowed."""
 
 
 @dataclass

@@ -1,0 +1,28 @@
+"""The one family of errors a user can cause: config, data, checkpoint, optimizer options, layout refusals.
+
+Every such error carries one line naming the key, file or value and what is allowed. `train.py`'s main catches the
+family once, prints the line on rank 0 only and exits with status 2; anything else is a bug and keeps its traceback.
+Libraries below the trainer (data/, optimizers/) raise their own ValueError subclasses (`ShardError`, the
+optimizers' ValueErrors at construction); the trainer converts those at its boundary.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Base of every user-caused failure; the message is one line."""
+
+
+class ConfigError(UserError):
+    """Invalid configuration key or value (YAML file or command line)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: corrupt, incompatible with the config, or not writable."""
+
+
+class LayoutError(UserError):
+    """A parallel layout the chosen optimizer or model cannot run (e.g. TP for an optimizer without TP support)."""
+
+
+class DataError(UserError):
+    """Training or validation data that cannot serve the configured batches."""
