@@ -77,13 +77,3 @@ class AdamW(Optimizer):
                     adamw_update(params, grads, exp_avgs, exp_avg_sqs, lr=group["lr"], beta1=beta1, beta2=beta2,
                                  weight_decay=group["weight_decay"], epsilon=group["eps"], step=int(step))
         return loss
-
-
-def build(ctx) -> Optimizer:
-    """Registry builder: AdamW on the matrices, and on everything else unless a scalar_opt was chosen."""
-    kwargs = ctx.constructor_kwargs(AdamW, lr=ctx.lr, betas=ctx.betas, eps=ctx.epsilon,
-                                    weight_decay=ctx.weight_decay)
-    if ctx.scalar_opt_explicit and ctx.scalar_opt != "adamw":
-        return ctx.with_scalar_optimizer(AdamW(ctx.matrix_params, **kwargs))
-    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups(algorithm_key=False)
-    return AdamW(groups, **kwargs)

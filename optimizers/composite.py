@@ -12,9 +12,10 @@ import torch
 from torch.optim import Optimizer
 
 from optimizers.closure import closure_loss
+from optimizers.hooks import TrainingHooks, training_hooks
 
 
-class CompositeOptimizer(Optimizer):
+class CompositeOptimizer(Optimizer, TrainingHooks):
     """`param_groups` is the concatenation of the parts' groups (the same dict objects, so schedulers that edit
     group["lr"] reach the parts) and all parts share one `state` dict (their parameters are disjoint), so the
     standard state_dict format applies unchanged."""
@@ -63,18 +64,35 @@ class CompositeOptimizer(Optimizer):
             start += count
             opt.state = self.state
 
-    def __getattr__(self, name):
-        # Optional hooks (train()/eval() of schedule-free, Hessian refresh of Sophia) are forwarded to the parts
-        # that define them.
-        if name.startswith("_") or name in ("optimizers", "state", "param_groups", "defaults"):
-            raise AttributeError(name)
-        targets = [getattr(opt, name) for opt in self.__dict__.get("optimizers", []) if hasattr(opt, name)]
-        if not targets:
-            raise AttributeError(name)
-        if not all(callable(t) for t in targets):
-            return targets[0]
+    # Training hooks: each is forwarded to the parts (a part without hooks has the no-op defaults).
+    def train(self) -> None:
+        for opt in self.optimizers:
+            training_hooks(opt).train()
 
-        def call_all(*args, **kwargs):
-            results = [t(*args, **kwargs) for t in targets]
-            return results[0] if len(results) == 1 else results
-        return call_all
+    def eval(self) -> None:
+        for opt in self.optimizers:
+            training_hooks(opt).eval()
+
+    def synchronize_for_checkpoint(self) -> None:
+        for opt in self.optimizers:
+            training_hooks(opt).synchronize_for_checkpoint()
+
+    def hessian_update_due(self) -> bool:
+        return any(training_hooks(opt).hessian_update_due() for opt in self.optimizers)
+
+    def hessian_pass(self, logits_fn) -> None:
+        for opt in self.optimizers:
+            if training_hooks(opt).has_hessian_pass:
+                training_hooks(opt).hessian_pass(logits_fn)
+
+    @property
+    def has_hessian_pass(self) -> bool:
+        return any(training_hooks(opt).has_hessian_pass for opt in self.optimizers)
+
+    @property
+    def supports_fused_backward(self) -> bool:
+        return all(training_hooks(opt).supports_fused_backward for opt in self.optimizers)
+
+    def register_fused_backward_hooks(self) -> None:
+        for opt in self.optimizers:
+            training_hooks(opt).register_fused_backward_hooks()

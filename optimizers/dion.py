@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from optimizers.dion_core import DionBase, MatrixTask, build_dion, orthonormalize
+from optimizers.dion_core import DionBase, MatrixTask, orthonormalize
 from optimizers.dion_distributed import (Collectives, all_gather_batch, all_reduce, all_reduce_mean, group_size,
                                          reduce_scatter_batch, run_blocking)
 from optimizers.dion_math import column_normalize, column_sq_norms, update_scale
@@ -137,7 +136,3 @@ class Dion(DionBase):
         if head.weight_decay != 0.0:
             torch._foreach_mul_(params, 1.0 - head.lr * head.weight_decay)
         torch._foreach_add_(params, list(B.unbind(0)), alpha=-head.lr * update_scale(*layout.shape))
-
-
-def build(ctx) -> Optimizer:
-    return build_dion(Dion, ctx)

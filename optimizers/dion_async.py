@@ -13,10 +13,9 @@ arXiv 2504.05295, Algorithm 1 at scale:
 """
 from __future__ import annotations
 
-from torch.optim import Optimizer
 
 from optimizers.dion import Dion
-from optimizers.dion_core import MatrixTask, build_dion
+from optimizers.dion_core import MatrixTask
 from optimizers.dion_distributed import run_overlapped
 
 
@@ -29,7 +28,3 @@ class DionAsync(Dion):
 
     def _update_matrices(self, tasks: list[MatrixTask]) -> None:
         run_overlapped((self._batch_update(batch) for batch in self._batches(tasks)), self.max_batches_in_flight)
-
-
-def build(ctx) -> Optimizer:
-    return build_dion(DionAsync, ctx)

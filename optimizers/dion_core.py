@@ -35,6 +35,7 @@ from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_r
 from optimizers.dion_math import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize,
                                   initial_q, low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
                                   solve_right_upper)
+from optimizers.hooks import TrainingHooks
 from optimizers.options import parse_choice
 from optimizers.scalar_updates import adamw_update, lion_update
 
@@ -180,7 +181,7 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
     return householder_orthonormalize(full)[:, start:start + length], nonzero_and_finite(full)
 
 
-class DionBase(Optimizer, abc.ABC):
+class DionBase(Optimizer, TrainingHooks, abc.ABC):
     """Dion (arXiv 2504.05295, Algorithm 1) for the 2D matrices of `algorithm` = "dion" groups, AdamW or Lion for
     "adamw" / "lion" groups. Subclasses implement `_update_matrices`.
 
@@ -399,17 +400,11 @@ class DionBase(Optimizer, abc.ABC):
                     state[key] = state[key].to(self._state_dtype(key, p))
 
 
-def build_dion(cls: type[DionBase], ctx) -> DionBase:
-    """Registry builder shared by the three classes: Dion on ctx.matrix_params, the scalar algorithm (ctx.scalar_opt)
-    on embeddings, norm gains and the LM head; bf16 momentum and Q (float32 variance) when ctx.mixed_precision."""
+def runtime_kwargs(ctx) -> dict:
+    """The trainer-supplied keywords of the three Dion classes: the device meshes, who syncs the replicas, and bf16
+    momentum and Q (float32 variance) when ctx.mixed_precision."""
     mixed_precision = (DionMixedPrecisionConfig(momentum_dtype=torch.bfloat16, Q_dtype=torch.bfloat16,
                                                 variance_dtype=torch.float32) if ctx.mixed_precision else None)
-    kwargs = ctx.constructor_kwargs(
-        cls, lr=ctx.lr, mu=ctx.mu, betas=ctx.betas, weight_decay=ctx.weight_decay, epsilon=ctx.epsilon,
-        rank_fraction=ctx.rank_fraction, rank_multiple_of=ctx.rank_multiple_of, power_iters=ctx.power_iters,
-        qr_method=ctx.qr_method, cqr_warmup_steps=ctx.cqr_warmup_steps, rcqr_oversample=ctx.rcqr_oversample,
-        replicate_mesh=ctx.replicate_mesh, outer_shard_mesh=ctx.outer_shard_mesh,
-        inner_shard_mesh=ctx.inner_shard_mesh, replicate_mesh_grad_sync=ctx.replicate_mesh_grad_sync,
-        mixed_precision_config=mixed_precision)
-    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups()
-    return cls([g for g in groups if g["params"]], **kwargs)
+    return dict(replicate_mesh=ctx.replicate_mesh, outer_shard_mesh=ctx.outer_shard_mesh,
+                inner_shard_mesh=ctx.inner_shard_mesh, replicate_mesh_grad_sync=ctx.replicate_mesh_grad_sync,
+                mixed_precision_config=mixed_precision)

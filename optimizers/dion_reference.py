@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch.distributed import ProcessGroup
-from torch.optim import Optimizer
 
-from optimizers.dion_core import DionBase, MatrixTask, build_dion, orthonormalize
+from optimizers.dion_core import DionBase, MatrixTask, orthonormalize
 from optimizers.dion_distributed import Collectives, all_reduce, all_reduce_mean, run_blocking
 from optimizers.dion_math import column_normalize, column_sq_norms, update_scale
 
@@ -73,7 +72,3 @@ class DionReference(DionBase):
     def _update_matrices(self, tasks: list[MatrixTask]) -> None:
         for task in tasks:
             run_blocking(dion_reference_update(task, self._replicate_group, self._power_iters, self._rcqr_oversample))
-
-
-def build(ctx) -> Optimizer:
-    return build_dion(DionReference, ctx)

@@ -32,12 +32,3 @@ class Lion(Optimizer):
             lion_update(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
                         lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
         return loss
-
-
-def build(ctx) -> Optimizer:
-    """Registry builder: Lion on the matrices, and on everything else unless a scalar_opt was chosen."""
-    kwargs = ctx.constructor_kwargs(Lion, lr=ctx.lr, betas=ctx.betas, weight_decay=ctx.weight_decay)
-    if ctx.scalar_opt_explicit and ctx.scalar_opt != "lion":
-        return ctx.with_scalar_optimizer(Lion(ctx.matrix_params, **kwargs))
-    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups(algorithm_key=False, algorithm="lion")
-    return Lion(groups, **kwargs)

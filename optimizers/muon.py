@@ -384,12 +384,10 @@ class Muon(Optimizer):
         return state[key]
 
 
-def build(ctx) -> Optimizer:
-    """Registry builder: Muon on the matrices, the built-in scalar algorithm on the rest. Plain (DDP) matrices are
-    split over the replicate mesh, or over the default group when train.py runs distributed without meshes."""
+def runtime_kwargs(ctx) -> dict:
+    """The trainer-supplied keyword: plain (DDP) matrices are split over the replicate mesh, or over the default group
+    when the trainer runs distributed without meshes."""
     distributed_mesh = ctx.replicate_mesh
     if distributed_mesh is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         distributed_mesh = dist.group.WORLD
-    kwargs = ctx.constructor_kwargs(Muon, lr=ctx.lr, mu=ctx.mu, betas=ctx.betas, weight_decay=ctx.weight_decay,
-                                    epsilon=ctx.epsilon, distributed_mesh=distributed_mesh)
-    return Muon([dict(params=ctx.matrix_params)] + ctx.scalar_param_groups(), **kwargs)
+    return dict(distributed_mesh=distributed_mesh)

@@ -223,14 +223,3 @@ class Prodigy(Optimizer):
                 s_piece = s[piece].mul_(beta3).add_(g[piece], alpha=s_scale)
                 l1_norm += torch.linalg.vector_norm(s_piece, 1).double()
         return dot, l1_norm
-
-
-def build(ctx) -> Optimizer:
-    """Registry builder: Prodigy on the matrices, and on everything else unless a scalar_opt was chosen. `lr` is
-    the multiplier of the estimated step size (1.0 in the configs)."""
-    kwargs = ctx.constructor_kwargs(Prodigy, lr=ctx.lr, betas=ctx.betas, eps=ctx.epsilon,
-                                    weight_decay=ctx.weight_decay)
-    if ctx.scalar_opt_explicit:
-        return ctx.with_scalar_optimizer(Prodigy(ctx.matrix_params, **kwargs))
-    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups(algorithm_key=False)
-    return Prodigy(groups, **kwargs)

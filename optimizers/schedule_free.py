@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from optimizers.closure import closure_loss
 from optimizers.foreach_tiles import tiled
+from optimizers.hooks import TrainingHooks
 
 
 @torch.no_grad()
@@ -59,7 +60,7 @@ def averaging_weight(group: dict, lr: float) -> float:
     return weight / group["weight_sum"] if group["weight_sum"] > 0.0 else 0.0
 
 
-class ScheduleFreeAdamW(Optimizer):
+class ScheduleFreeAdamW(Optimizer, TrainingHooks):
     """Schedule-Free AdamW, equal to `schedulefree.AdamWScheduleFree`. State per parameter: "z" and "exp_avg_sq".
     Group keys: step, train_mode, lr_max, weight_sum (all saved in the state dict).
 
@@ -123,14 +124,3 @@ class ScheduleFreeAdamW(Optimizer):
                                        beta2=beta2, weight_decay=group["weight_decay"], epsilon=group["eps"],
                                        step=group["step"], averaging_weight=weight)
         return loss
-
-
-def build(ctx) -> Optimizer:
-    """Registry builder: Schedule-Free AdamW on the matrices, and on everything else unless a scalar_opt was
-    chosen."""
-    kwargs = ctx.constructor_kwargs(ScheduleFreeAdamW, lr=ctx.lr, betas=ctx.betas, eps=ctx.epsilon,
-                                    weight_decay=ctx.weight_decay)
-    if ctx.scalar_opt_explicit:
-        return ctx.with_scalar_optimizer(ScheduleFreeAdamW(ctx.matrix_params, **kwargs))
-    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups(algorithm_key=False)
-    return ScheduleFreeAdamW(groups, **kwargs)

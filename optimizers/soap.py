@@ -196,9 +196,3 @@ class SOAP(Optimizer):
         if step % group["precondition_frequency"] == 0:
             state["bases"], permuted = refresh_bases(state["factors"], bases, exp_avg_sq.float().reshape(shape))
             exp_avg_sq.copy_(permuted.reshape(p.shape))
-
-
-def build(ctx) -> Optimizer:
-    """Registry builder: SOAP on the matrices, the scalar optimizer (AdamW or Lion) on the rest."""
-    kwargs = ctx.constructor_kwargs(SOAP, lr=ctx.lr, betas=ctx.betas, eps=ctx.epsilon, weight_decay=ctx.weight_decay)
-    return ctx.with_scalar_optimizer(SOAP(ctx.matrix_params, **kwargs))

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from optimizers.closure import closure_loss
 from optimizers.foreach_tiles import tiled
+from optimizers.hooks import TrainingHooks
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def gnb_hessian_update(hessians: list[Tensor], sampled_grads: list[Tensor], *, b
     torch._foreach_addcmul_(hessians, sampled_grads, sampled_grads, value=1.0 - beta2)
 
 
-class Sophia(Optimizer):
+class Sophia(Optimizer, TrainingHooks):
     """Sophia-G. State per parameter: "exp_avg" and "hessian" (shape and dtype of the parameter). Group keys "step"
     (steps taken) and "hessian_step" (the step of the last Hessian refresh) drive `hessian_update_due()` and
     survive state_dict round trips.
@@ -71,6 +72,8 @@ class Sophia(Optimizer):
     tokens_per_step: the global batch in tokens (B of the GNB estimator; the paper's rho is tuned with it).
     epsilon: floor of the denominator (1e-15 as in the authors' code).
     """
+
+    has_hessian_pass = True
 
     def __init__(self, params, lr: float = 6e-4, betas: tuple[float, float] = (0.965, 0.99), rho: float = 0.05,
                  weight_decay: float = 0.2, tokens_per_step: int = 0, hessian_interval: int = 10,
@@ -102,6 +105,16 @@ class Sophia(Optimizer):
         return any(group["step"] + 1 - group["hessian_step"] >= self.hessian_interval
                    for group in self.param_groups if group["params"])
 
+    def hessian_pass(self, logits_fn) -> None:
+        """Gauss-Newton-Bartlett estimate: backpropagate the loss on labels sampled from the model's own predictions
+        (logits_fn() -> (..., vocab) logits of the current batch) and fold the gradients into the Hessian estimate.
+        The caller clears the model's gradients before and after (they are not gradients of the training loss)."""
+        logits = logits_fn()
+        flat = logits.view(-1, logits.size(-1))
+        sampled = torch.multinomial(torch.softmax(flat.detach().float(), dim=-1), 1).view(-1)
+        torch.nn.functional.cross_entropy(flat, sampled).backward()
+        self.update_hessian()
+
     @torch.no_grad()
     def update_hessian(self) -> None:
         """Fold the current gradients (of the loss on sampled labels) into the Hessian estimate."""
@@ -127,11 +140,6 @@ class Sophia(Optimizer):
         return loss
 
 
-def build(ctx) -> Optimizer:
-    """Registry builder: Sophia on the matrices, and on everything else unless a scalar_opt was chosen."""
-    kwargs = ctx.constructor_kwargs(Sophia, lr=ctx.lr, betas=ctx.betas, weight_decay=ctx.weight_decay,
-                                    tokens_per_step=ctx.tokens_per_step)
-    if ctx.scalar_opt_explicit:
-        return ctx.with_scalar_optimizer(Sophia(ctx.matrix_params, **kwargs))
-    groups = [dict(params=ctx.matrix_params)] + ctx.scalar_param_groups(algorithm_key=False)
-    return Sophia(groups, **kwargs)
+def runtime_kwargs(ctx) -> dict:
+    """The trainer-supplied keyword: the global batch in tokens (scales the Hessian estimate)."""
+    return dict(tokens_per_step=ctx.tokens_per_step)

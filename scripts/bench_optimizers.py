@@ -54,7 +54,10 @@ from bench_dion import synchronize  # noqa: E402
 from models import GPT, PRESETS  # noqa: E402
 from optimizer_memory import state_bytes  # noqa: E402
 from optimizers.dion_math import low_rank_dim, sketch_rows  # noqa: E402
-from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer  # noqa: E402
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer  # noqa: E402
+from data import DistributedTokenLoader  # noqa: E402
+from trainer.build import build_model, build_training_optimizer, data_files, micro_batch_size  # noqa: E402
+from trainer.distributed import init_distributed  # noqa: E402
 from trainer.config import build_config  # noqa: E402
 
 RANK_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
@@ -176,16 +179,15 @@ def dion_expected_state_bytes(shapes: list[tuple[int, int]], rank_fraction: floa
     return total * FLOAT_BYTES
 
 
-def context(groups: dict[str, list[torch.Tensor]], model_dim: int, **overrides) -> OptimizerContext:
-    return OptimizerContext(matrix_params=groups["matrix"], embedding_params=groups["embedding"],
-                            lm_head_params=groups["lm_head"], vector_params=groups["vector"], model_dim=model_dim,
-                            scalar_opt="lion", scalar_opt_explicit=False, tokens_per_step=8 * 1024, **overrides)
+def context(groups: dict[str, list[torch.Tensor]], model_dim: int, **options) -> OptimizerContext:
+    """The registry's defaults for each optimizer, with `options` on top."""
+    return OptimizerContext.from_groups(groups, model_dim=model_dim, tokens_per_step=8 * 1024, options=options)
 
 
 def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]]) -> list[Case]:
     """The benchmark rows for the selected registry names (and their torch.optim references)."""
-    def registry(name: str, **overrides):
-        return lambda groups: build_optimizer(name, context(groups, model_dim, **overrides))
+    def registry(name: str, **options):
+        return lambda groups: build_optimizer(name, context(groups, model_dim, **options))
 
     cases = []
     for name in names:
@@ -197,7 +199,7 @@ def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]])
             ns = newton_schulz_products(shapes)
             # torch.optim.Muon runs Newton-Schulz in bfloat16: its limit is the bf16 matmul throughput.
             cases += [Case("muon", name, "matrix", registry(name), products=ns),
-                      Case("muon_bf16", name, "matrix", registry(name, options=dict(ns_dtype="bfloat16")),
+                      Case("muon_bf16", name, "matrix", registry(name, ns_dtype="bfloat16"),
                            products=ns, matmul_dtype=torch.bfloat16),
                       Case("torch.optim.Muon", name, "matrix",
                            lambda groups: torch.optim.Muon(groups["matrix"], lr=0.02, momentum=0.95),
@@ -206,7 +208,7 @@ def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]])
             # The default takes torch's fused kernel on plain tensors; adamw_foreach forces the (cache-tiled)
             # foreach path that DTensors and mixed dtypes take.
             cases += [Case("adamw", name, "elementwise", registry(name)),
-                      Case("adamw_foreach", name, "elementwise", registry(name, options=dict(fused=False))),
+                      Case("adamw_foreach", name, "elementwise", registry(name, fused=False)),
                       Case("torch.optim.AdamW(foreach)", name, "elementwise",
                            lambda groups: torch.optim.AdamW(_all(groups), foreach=True)),
                       Case("torch.optim.AdamW(fused)", name, "elementwise",
@@ -214,7 +216,7 @@ def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]])
         elif name in PRECONDITIONED:
             cases.append(Case(name, name, "preconditioned", registry(name)))
         else:
-            cases.append(Case(name, name, "elementwise" if OPTIMIZERS[name].elementwise else "matrix",
+            cases.append(Case(name, name, "elementwise" if OPTIMIZERS[name].scalar is ScalarPolicy.SAME else "matrix",
                               registry(name)))
     return cases
 
@@ -279,16 +281,15 @@ def profile_case(case: Case, template, device, warmup: int) -> str:
 
 def loop_config(steps: int, optimizer: str, run_dir: str):
     """configs/default.yaml with logging, validation and checkpoints reduced to the minimum train.py allows."""
-    return build_config(["--optimizer", optimizer, "--num_iterations", str(steps), "--log_every", str(steps),
-                         "--val_loss_every", "0", "--checkpoint_freq", "0", "--run_dir", run_dir,
-                         "--no_wandb", "true"])
+    return build_config(["--optimizer", optimizer, "--num_iterations", str(steps), "--logging.log_every", str(steps),
+                         "--val_loss_every", "0", "--checkpoint_freq", "0", "--run_dir", run_dir])
 
 
 def train_py_tokens_per_second(steps: int, optimizer: str) -> float:
     """train.run in this process; its metrics' `time` is the summed step time (excluding the final checkpoint)."""
     with tempfile.TemporaryDirectory() as run_dir:
         config = loop_config(steps, optimizer, run_dir)
-        env = train.init_distributed(config)
+        env = init_distributed(config)
         with contextlib.redirect_stderr(io.StringIO()):
             train.run(config, env)
         last = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
@@ -299,11 +300,12 @@ def minimal_tokens_per_second(steps: int, optimizer: str) -> float:
     """The same model, optimizer and batches as train.py, with nothing but forward, backward, step and zero_grad."""
     with tempfile.TemporaryDirectory() as run_dir:
         config = loop_config(steps, optimizer, run_dir)
-        env = train.init_distributed(config)
-        train_files, _ = train.data_files(config, env)
-        model = train.build_model(config, env)
-        optimizer_ = train.build_training_optimizer(model, config, env, False)
-        loader = train.DistributedTokenLoader(train_files, config.device_batch_size, config.sequence_length)
+        env = init_distributed(config)
+        train_files, _ = data_files(config, env)
+        device_batch_size, _ = micro_batch_size(config, env)
+        model = build_model(config, env.device)
+        optimizer_ = build_training_optimizer(model, config, env)
+        loader = DistributedTokenLoader(train_files, device_batch_size, config.model.sequence_length)
         elapsed = 0.0
         for _ in range(steps):
             start = time.perf_counter()
@@ -313,7 +315,7 @@ def minimal_tokens_per_second(steps: int, optimizer: str) -> float:
             optimizer_.zero_grad(set_to_none=True)
             synchronize(env.device)
             elapsed += time.perf_counter() - start
-        return steps * config.batch_size * config.sequence_length / elapsed
+        return steps * config.tokens_per_step / elapsed
 
 
 # ---------------------------------------------------------------- report
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = GPT(PRESETS[args.preset])
-    template = train.split_parameters(model)
+    template = model.param_groups()
     shapes = [tuple(p.shape) for p in template["matrix"]]
     total_parameters = sum(p.numel() for p in model.parameters())
     cases = build_cases(names, model.config.model_dim, shapes)

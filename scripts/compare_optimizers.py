@@ -7,7 +7,7 @@
         --output runs/compare_160m --launcher "torchrun --standalone --nproc_per_node=8"     # GPUs, FineWeb 10B
 
 `--base` is a train.py config (model, data, schedule, budget); `--runs` is a YAML mapping from a run name to the
-config keys that differ from the base (e.g. `dion_r1_4: {optimizer: dion, rank_fraction: 0.25}`). Each run writes
+config sections that differ from the base (e.g. `dion_r1_4: {optimizer: {name: dion, rank_fraction: 0.25}}`). Each run writes
 `<output>/<name>/metrics.jsonl`. A run whose metrics already reach the base's `num_iterations` is skipped, so the
 command can be restarted after an interruption (an unfinished run starts over unless it has checkpoints, in which
 case train.py resumes it).
@@ -26,6 +26,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.config import build_config  # noqa: E402
+
 DEFAULT_BASE = ROOT / "configs" / "compare" / "small.yaml"
 DEFAULT_RUNS = ROOT / "configs" / "compare" / "small_runs.yaml"
 
@@ -43,12 +47,16 @@ def load_runs(path: Path) -> dict[str, dict]:
     return runs
 
 
-def override_arguments(overrides: dict) -> list[str]:
-    """`--key value` pairs; values as one-line YAML (train.py parses command-line values as YAML)."""
+def override_arguments(overrides: dict, prefix: str = "") -> list[str]:
+    """`--section.key value` pairs (nested mappings become dotted keys); values as one-line YAML (train.py parses
+    command-line values as YAML)."""
     arguments = []
     for key, value in overrides.items():
+        if isinstance(value, dict):
+            arguments += override_arguments(value, f"{prefix}{key}.")
+            continue
         text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True, width=10 ** 6)
-        arguments += [f"--{key}", text.strip().removesuffix("...").strip()]
+        arguments += [f"--{prefix}{key}", text.strip().removesuffix("...").strip()]
     return arguments
 
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    total_steps = yaml.safe_load(args.base.read_text()).get("num_iterations", 100)
+    total_steps = build_config(["--config", str(args.base)]).schedule.num_iterations
     selected = [name for name in runs if args.only is None or name in args.only]
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
     if args.threads is not None:
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in selected:
         run_dir = args.output / name
         overrides = {**runs[name]}
-        steps_to_run = overrides.get("num_iterations", total_steps)
+        steps_to_run = (overrides.get("schedule") or {}).get("num_iterations", total_steps)
         command = train_command(args.base, run_dir, overrides, args.launcher)
         if finished_steps(run_dir) >= steps_to_run:
             print(f"skip {name}: {run_dir} already reached step {steps_to_run}")

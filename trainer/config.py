@@ -1,10 +1,24 @@
-"""Training configuration: YAML file + `--key value` command-line overrides, validated before any work starts.
+"""Training configuration by component: YAML sections + command-line overrides, validated before any work starts.
 
-Every key of `TrainConfig` can appear in the YAML file and on the command line. Values from the command line are
-parsed as YAML scalars (so `--lr 3e-4`, `--compile true`, `--betas 0.9,0.95`, `--data_dir null` work) and then
-checked against the field's type. A mapping key (`optimizer_args`) also takes dotted overrides:
-`--optimizer_args.nesterov false`. Any problem raises ConfigError with one line naming the key and what is allowed;
-train.py prints it and exits with status 2.
+    model:      the model package's own Config (GPTConfig), plus `name` and an optional `preset`
+    data:       shards, batch sizes, validation tokens
+    optimizer:  `name`, `scalar` (what runs embeddings, norm gains, LM head) and the optimizer's own options: the
+                keyword arguments of its class (optimizers.registry.option_fields), each checked by its type here and
+                by the class itself on construction
+    schedule, parallel, checkpoint, logging: see the dataclasses below (each field has a one-line meaning)
+    top level:  seed, compile, mixed_precision, grad_clip, fused_backward, debug
+
+Command line: `--section.key value` (values are YAML scalars: `--compile true`, `--optimizer.betas 0.9,0.95`,
+`--data.dir null`), `--config PATH`, and short aliases for everyday keys (ALIASES: `--lr`, `--optimizer NAME`,
+`--num_iterations`, ...). Keys of the old flat format that are not aliases get an error naming their new spelling.
+
+Switching optimizers: when the command line names another optimizer than the config file, the file's optimizer
+section is left out and the new optimizer starts from its own training defaults (registry `defaults`), so
+`--optimizer prodigy` never inherits Dion's learning rate. Likewise `--model.preset NAME` on the command line
+replaces the file's model fields with the preset's (further `--model.KEY` overrides apply on top). The resolved config (every default spelled out) is
+written to run_dir/config.yaml.
+
+Any problem raises ConfigError with one line naming the key and what is allowed; main prints it and exits with 2.
 """
 from __future__ import annotations
 
@@ -14,6 +28,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,79 +38,217 @@ from trainer.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SCHEDULES = ("wsd", "cosine", "constant")
-QR_METHODS = ("qr", "cqr", "rcqr")
-SCALAR_OPTIMIZERS = ("adamw", "lion")
 
 
-@dataclass
-class TrainConfig:
-    # model
-    model_dim: int = 128
-    n_layer: int = 2
-    n_head: int = 4
-    sequence_length: int = 128
-    vocab_size: int = 50304
-    # batching: batch_size is global sequences per step; accumulation = batch_size / (device_batch_size x dp ranks)
-    batch_size: int = 16
-    device_batch_size: int = 16
-    num_iterations: int = 100
-    # learning-rate schedule: wsd = linear warmup, constant, linear warmdown to zero (the Dion trainer's schedule)
-    schedule: str = "wsd"
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    # optimizer: `optimizer` is the matrix algorithm, `scalar_opt` the one for embeddings, vectors and LM head
-    optimizer: str = "dion"
-    scalar_opt: str | None = None
-    lr: float = 0.01
-    scalar_lr: float | None = None
-    mu: float = 0.95
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.01
-    epsilon: float = 1e-8
-    rank_fraction: float = 1.0
-    rank_multiple_of: int = 1
-    power_iters: int = 1
-    qr_method: str = "rcqr"
-    cqr_warmup_steps: int = 150
-    rcqr_oversample: float = 1.25
-    optimizer_args: dict = field(default_factory=dict)
-    fused_backward: bool = False
-    grad_clip: float = 0.0
-    # evaluation, checkpoints, logging
-    val_loss_every: int = 25
-    val_tokens: int = 65536
-    log_every: int = 1
-    checkpoint_dir: str | None = None
-    checkpoint_freq: int = 0
-    keep_checkpoints: int = 2
-    run_dir: str = "runs/default"
-    data_dir: str | None = None
-    seed: int = 0
-    compile: bool = False
-    mixed_precision: bool = False
-    wandb_project_name: str = "dion-gpt"
-    wandb_job_name: str | None = None
-    no_wandb: bool = True
-    debug: bool = False
-    # parallelism (product = world size; unset = 1, all unset = DDP over every rank)
-    dp_size: int | None = None
-    fs_size: int | None = None
-    tp_size: int | None = None
-    replicate_mesh_grad_sync: bool = True
+def key(default: Any, meaning: str, **kwargs: Any) -> Any:
+    """A config field with its one-line meaning (shown by --help)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": meaning}, **kwargs)
+    return field(default=default, metadata={"help": meaning}, **kwargs)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str | None = key(None, "directory of token shards (*_train_*.bin, *_val_*.bin); null = the embedded "
+                                "Shakespeare corpus")
+    batch_size: int = key(8, "global sequences per optimizer step")
+    device_batch_size: int | None = key(None, "sequences per micro-batch on each rank; null = batch_size / "
+                                              "data-parallel ranks (gradient accumulation fills the rest)")
+    val_tokens: int = key(16384, "tokens per validation pass (rounded down to whole batches)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "val_tokens"):
+            _require(getattr(self, name) > 0, f"data.{name}: must be a positive integer, got {getattr(self, name)}")
+        _require(self.device_batch_size is None or self.device_batch_size > 0,
+                 f"data.device_batch_size: must be a positive integer or null, got {self.device_batch_size}")
+        if self.dir is not None:
+            _require(Path(self.dir).is_dir(), f"data.dir: {self.dir} is not a directory (use null for the embedded "
+                                              f"corpus, or download shards with data/cached_fineweb10B.py)")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = key("wsd", "LR shape: wsd (warmup, constant, linear warmdown to 0), cosine, constant")
+    num_iterations: int = key(300, "optimizer steps of the whole run")
+    warmup_ratio: float = key(0.0, "fraction of the steps spent warming up linearly from 0")
+    warmdown_ratio: float = key(0.3, "fraction of the steps spent decaying linearly to 0 (wsd)")
+
+    def __post_init__(self):
+        _require(self.name in SCHEDULES, f"schedule.name: {self.name!r} is not one of {', '.join(SCHEDULES)}")
+        _require(self.num_iterations > 0, f"schedule.num_iterations: must be a positive integer, got "
+                                          f"{self.num_iterations}")
+        for name in ("warmup_ratio", "warmdown_ratio"):
+            _require(0.0 <= getattr(self, name) <= 1.0, f"schedule.{name}: must lie in [0, 1], got "
+                                                         f"{getattr(self, name)}")
+        _require(self.warmup_ratio + self.warmdown_ratio <= 1.0,
+                 f"schedule.warmup_ratio + schedule.warmdown_ratio: must be <= 1, got "
+                 f"{self.warmup_ratio + self.warmdown_ratio}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp_size: int | None = key(None, "data-parallel replicas (the product of the three sizes = number of processes; "
+                                    "all null = DDP over every rank)")
+    fs_size: int | None = key(None, "FSDP2 shards per replica")
+    tp_size: int | None = key(None, "tensor-parallel ranks (must divide the model's heads)")
+    replicate_mesh_grad_sync: bool = key(True, "optimizers that sync replicas themselves (Dion's compressed P/R) "
+                                               "do so; false = DDP/FSDP all-reduce full gradients")
+
+    def __post_init__(self):
+        for name in ("dp_size", "fs_size", "tp_size"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"parallel.{name}: must be a positive integer or null, got {value}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = key(None, "where step_NNNNNNNN checkpoints go; null = run_dir/checkpoints")
+    freq: int = key(0, "save every this many steps; 0 = no checkpoints (not even at the end)")
+    keep: int = key(2, "newest complete checkpoints kept; older ones are deleted")
+
+    def __post_init__(self):
+        _require(self.freq >= 0, f"checkpoint.freq: must be >= 0 (0 = off), got {self.freq}")
+        _require(self.keep > 0, f"checkpoint.keep: must be a positive integer, got {self.keep}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    run_dir: str = key("runs/default", "output directory: config.yaml, metrics.jsonl, checkpoints")
+    log_every: int = key(1, "steps between metrics records")
+    val_loss_every: int = key(50, "steps between validation passes; 0 = never")
+    wandb: bool = key(False, "log to Weights & Biases (WANDB_MODE=offline works without network)")
+    wandb_project: str = key("dion-gpt", "wandb project")
+    wandb_job_name: str | None = key(None, "wandb run name; null = wandb's choice")
+
+    def __post_init__(self):
+        _require(self.log_every > 0, f"logging.log_every: must be a positive integer, got {self.log_every}")
+        _require(self.val_loss_every >= 0, f"logging.val_loss_every: must be >= 0 (0 = off), got "
+                                           f"{self.val_loss_every}")
+
+
+@dataclass(frozen=True)
+class ScalarConfig:
+    name: str | None = key(None, "what updates embeddings, norm gains and LM head: lion, adamw, or same (the "
+                                 "optimizer itself); null = the optimizer's default")
+    lr: float | None = key(None, "their learning rate; null = the optimizer's lr (Lion's LM head gets "
+                                 "lr / sqrt(model_dim))")
+
+    def __post_init__(self):
+        allowed = ("lion", "adamw", "same")
+        _require(self.name is None or self.name in allowed,
+                 f"optimizer.scalar.name: {self.name!r} is not one of {', '.join(allowed)}")
+        _require(self.lr is None or math.isfinite(self.lr) and self.lr > 0,
+                 f"optimizer.scalar.lr: must be a positive number or null, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """`name` picks the registered optimizer; `options` are its constructor keywords with effective values."""
+    name: str = key("dion", "registered optimizer (see the list below)")
+    scalar: ScalarConfig = key(ScalarConfig(), "the scalar parameters' optimizer")
+    options: dict = key({}, "the optimizer's own keywords (lr, betas, weight_decay, ...)", compare=False)
 
     @property
-    def resolved_checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.run_dir) / "checkpoints"
+    def lr(self) -> float:
+        return self.options["lr"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model_name: str
+    model: Any  # the model package's Config (GPTConfig)
+    data: DataConfig = key(DataConfig(), "training and validation data")
+    optimizer: OptimizerConfig = key(OptimizerConfig(), "the optimizer")
+    schedule: ScheduleConfig = key(ScheduleConfig(), "learning-rate schedule and run length")
+    parallel: ParallelConfig = key(ParallelConfig(), "device mesh")
+    checkpoint: CheckpointConfig = key(CheckpointConfig(), "checkpoints")
+    logging: LoggingConfig = key(LoggingConfig(), "outputs")
+    seed: int = key(0, "seed of the model initialization and the optimizers' random draws")
+    compile: bool = key(False, "torch.compile each block")
+    mixed_precision: bool = key(False, "bf16 FSDP parameter gathers and bf16 optimizer states where supported "
+                                       "(Dion); CUDA only")
+    grad_clip: float = key(0.0, "clip the global gradient norm to this; 0 = off")
+    fused_backward: bool = key(False, "step each parameter during backward (the advanced family); needs one "
+                                      "micro-batch per step")
+    debug: bool = key(False, "autograd anomaly detection")
+
+    def __post_init__(self):
+        _require(self.grad_clip >= 0, f"grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(not (self.fused_backward and self.grad_clip > 0),
+                 "fused_backward: cannot be combined with grad_clip (each parameter steps before all gradients "
+                 "exist)")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.logging.run_dir) / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.data.batch_size * self.model.sequence_length
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
+        """The resolved config in the YAML layout (loads back to the same config)."""
+        out: dict[str, Any] = {"model": {"name": self.model_name, **_plain(dataclasses.asdict(self.model))}}
+        out["data"] = _plain(dataclasses.asdict(self.data))
+        out["optimizer"] = {"name": self.optimizer.name,
+                            "scalar": _plain(dataclasses.asdict(self.optimizer.scalar)),
+                            **_plain(self.optimizer.options)}
+        for section in ("schedule", "parallel", "checkpoint", "logging"):
+            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        for name in TOP_LEVEL:
+            out[name] = getattr(self, name)
         return out
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = typing.get_type_hints(TrainConfig)
+SECTIONS = {"data": DataConfig, "schedule": ScheduleConfig, "parallel": ParallelConfig,
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+TOP_LEVEL = ("seed", "compile", "mixed_precision", "grad_clip", "fused_backward", "debug")
 
+# Short command-line spellings that stay valid (the CLI people already type) -> their dotted home.
+ALIASES = {
+    "optimizer": "optimizer.name", "lr": "optimizer.lr", "rank_fraction": "optimizer.rank_fraction",
+    "scalar_opt": "optimizer.scalar.name", "num_iterations": "schedule.num_iterations",
+    "batch_size": "data.batch_size", "device_batch_size": "data.device_batch_size", "data_dir": "data.dir",
+    "model_dim": "model.model_dim", "n_layer": "model.n_layer", "n_head": "model.n_head",
+    "sequence_length": "model.sequence_length", "run_dir": "logging.run_dir",
+    "val_loss_every": "logging.val_loss_every", "checkpoint_dir": "checkpoint.dir",
+    "checkpoint_freq": "checkpoint.freq", "keep_checkpoints": "checkpoint.keep", "dp_size": "parallel.dp_size",
+    "fs_size": "parallel.fs_size", "tp_size": "parallel.tp_size", "optimizer_args": "optimizer",
+}
+# Keys of the old flat format that are no longer accepted as they were, with their new spelling.
+RENAMED = {
+    "vocab_size": "model.vocab_size", "schedule": "schedule.name", "warmup_ratio": "schedule.warmup_ratio",
+    "warmdown_ratio": "schedule.warmdown_ratio", "scalar_lr": "optimizer.scalar.lr", "mu": "optimizer.mu",
+    "betas": "optimizer.betas", "weight_decay": "optimizer.weight_decay", "epsilon": "optimizer.epsilon",
+    "rank_multiple_of": "optimizer.rank_multiple_of", "power_iters": "optimizer.power_iters",
+    "qr_method": "optimizer.qr_method", "cqr_warmup_steps": "optimizer.cqr_warmup_steps",
+    "rcqr_oversample": "optimizer.rcqr_oversample", "val_tokens": "data.val_tokens",
+    "log_every": "logging.log_every", "no_wandb": "logging.wandb (inverted)",
+    "wandb_project_name": "logging.wandb_project", "wandb_job_name": "logging.wandb_job_name",
+    "replicate_mesh_grad_sync": "parallel.replicate_mesh_grad_sync",
+}
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe: tuples as lists, enums as their values, dtypes as names."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if value is not None and not isinstance(value, (bool, int, float, str)):
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Type checking of values against annotations
 
 def _type_name(tp) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -103,14 +256,20 @@ def _type_name(tp) -> str:
     if tp is type(None):
         return "null"
     if typing.get_origin(tp) is tuple:
-        return "a list of two numbers"
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "one of " + ", ".join(str(m.value) for m in tp)
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
-            dict: "a mapping"}.get(tp, str(tp))
+            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
-    """Check `value` against the annotation `tp` (ints are accepted for floats); raise ConfigError if it fails."""
+def coerce(where: str, value: Any, tp) -> Any:
+    """Check `value` against the annotation `tp` (ints are accepted for floats, "1e-3" strings as numbers, enum
+    values as enum members); raise ConfigError naming `where` if it fails. Annotations this layer cannot check
+    (Any, classes) pass the value through to the constructor that owns it."""
     origin = typing.get_origin(tp)
+    if tp is Any or tp is typing.Any:
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -119,14 +278,15 @@ def _coerce(key: str, value: Any, tp) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(key, value, arg)
+                return coerce(where, value, arg)
             except ConfigError:
                 pass
     elif origin is tuple:
+        args = typing.get_args(tp)
         if isinstance(value, str):
             value = [yaml.safe_load(v) for v in value.strip("[]()").split(",")]
-        if isinstance(value, (list, tuple)) and len(value) == 2:
-            return tuple(_coerce(key, v, float) for v in value)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(coerce(where, v, a) for v, a in zip(value, args))
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -134,70 +294,129 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is dict:
         if isinstance(value, dict):
-            return _numeric_strings_to_float(value)
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _numeric_strings_to_float(value: Any) -> Any:
-    """YAML 1.1 reads exponent numbers without a dot ("1e-3") as strings; in free-form mappings
-    (optimizer_args) there is no field type to fix that later, so convert them here."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
             return value
-    if isinstance(value, dict):
-        return {k: _numeric_strings_to_float(v) for k, v in value.items()}
-    return value
+    elif isinstance(tp, type) and issubclass(tp, Enum):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    elif isinstance(tp, type) and not isinstance(value, tp):
+        pass  # a class this layer does not parse (e.g. torch.dtype): fall through to the error
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _FIELDS, n=1)
+def _unknown(where: str, name: str, allowed: typing.Iterable[str], extra: str = "",
+             also: typing.Iterable[str] = ()) -> ConfigError:
+    """Unknown `name`; the hint also considers `also` (e.g. the short aliases)."""
+    allowed = list(allowed)
+    close = difflib.get_close_matches(name, [*allowed, *also], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}{hint}; run `python train.py --help` for the list of keys")
+    return ConfigError(f"{where}: unknown key {name!r}{hint}{extra}; allowed: {', '.join(allowed)}")
+
+
+def build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+    """A frozen section dataclass from a mapping: unknown keys and wrong types are ConfigErrors; the section's
+    __post_init__ checks the values."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of key: value, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise _unknown(where, name, fields)
+        kwargs[name] = coerce(f"{where}.{name}", value, hints[name])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a component's own validation (e.g. GPTConfig)
+        raise ConfigError(f"{where}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading YAML files and the command line into one nested mapping
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {} if child is None else {"name": child}
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        node[leaf] = _merge(node[leaf], value)
+    else:
+        node[leaf] = value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _is_old_key(name: str, value: Any, rest: str = "") -> bool:
+    """A key of the old flat format (`schedule: wsd` is old, `schedule: {name: wsd}` is the section)."""
+    return name in RENAMED and not (name in SECTIONS and (rest or isinstance(value, dict)))
+
+
+def _renamed_error(name: str, where: str) -> ConfigError:
+    return ConfigError(f"{where}: key {name!r} moved to {RENAMED[name]}; write it there "
+                       f"(e.g. --{RENAMED[name].split(' ')[0]} on the command line)")
 
 
 def parse_cli_overrides(argv: list[str]) -> tuple[Path | None, dict[str, Any]]:
-    """`--config PATH` and `--key value` pairs (also `--key=value`). Values are parsed as YAML scalars."""
-    config_path, overrides = None, {}
+    """`--config PATH` and `--key value` pairs (also `--key=value`) as a nested mapping. Values are YAML."""
+    config_path, tree = None, {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"command line: expected --key value, got {arg!r}")
-        key, eq, value = arg[2:].partition("=")
+        name, eq, text = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
-                raise ConfigError(f"--{key}: missing value")
-            value = argv[i + 1]
+                raise ConfigError(f"--{name}: missing value")
+            text = argv[i + 1]
             i += 1
         i += 1
-        if key == "config":
-            config_path = Path(value)
+        if name == "config":
+            config_path = Path(text)
             continue
-        parsed = yaml.safe_load(value) if value != "" else ""
-        base, _, sub = key.partition(".")
-        if base not in _FIELDS:
-            raise _unknown_key(base, "command line")
-        if sub:
-            if _TYPES[base] is not dict:
-                raise ConfigError(f"--{key}: only mapping keys (optimizer_args) take dotted sub-keys")
-            overrides.setdefault(base, {})[sub] = _numeric_strings_to_float(parsed)
+        value = yaml.safe_load(text) if text != "" else ""
+        head, _, rest = name.partition(".")
+        if _is_old_key(head, value, rest):
+            raise _renamed_error(head, f"--{name}")
+        if head in ALIASES and not (head == "optimizer" and rest):
+            if head == "optimizer" and isinstance(value, dict):
+                dotted = "optimizer"
+            else:
+                dotted = ALIASES[head] + (f".{rest}" if rest else "")
         else:
-            overrides[key] = parsed
-    return config_path, overrides
+            dotted = name
+        if head == "optimizer_args" and not rest and not isinstance(value, dict):
+            raise ConfigError(f"--{name}: expected a mapping of optimizer options, got {value!r}")
+        _set(tree, dotted, value)
+    return config_path, tree
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -210,78 +429,134 @@ def load_yaml(path: Path) -> dict[str, Any]:
         where = f" (line {line + 1})" if line is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-    for key in data:
-        if key not in _FIELDS:
-            raise _unknown_key(key, str(path))
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for name, value in data.items():
+        if _is_old_key(name, value):
+            raise _renamed_error(name, str(path))
+        if name in ALIASES and name not in ("optimizer",):
+            raise ConfigError(f"{path}: key {name!r} moved to {ALIASES[name]}; the config files use sections "
+                              f"(see configs/default.yaml)")
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the TrainConfig
+
+def _build_model(values: Any) -> tuple[str, Any]:
+    from models import model_package
+    values = dict(values) if isinstance(values, dict) else {"preset": values}
+    name = values.pop("name", "gpt")
+    try:
+        package = model_package(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    preset = values.pop("preset", None)
+    if preset is not None:
+        if preset not in package.PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r}; {name} presets: "
+                              f"{', '.join(package.PRESETS)}")
+        values = {**dataclasses.asdict(package.PRESETS[preset]), **values}
+    return name, build_section(package.Config, values, "model")
+
+
+def _build_optimizer(values: Any) -> OptimizerConfig:
+    from optimizers.registry import OPTIMIZERS, option_fields, resolve_options
+    values = dict(values) if isinstance(values, dict) else {"name": values}
+    name = values.pop("name", OptimizerConfig.name)
+    if name not in OPTIMIZERS:
+        raise _unknown("optimizer.name", str(name), sorted(OPTIMIZERS)) if isinstance(name, str) else \
+            ConfigError(f"optimizer.name: expected a registered name, got {name!r}")
+    scalar = build_section(ScalarConfig, values.pop("scalar", None) or {}, "optimizer.scalar")
+    fields = option_fields(name)
+    options = {}
+    for option, value in values.items():
+        if option not in fields:
+            raise _unknown("optimizer", option, fields, extra=f" for optimizer {name!r}")
+        options[option] = coerce(f"optimizer.{option}", value, fields[option].annotation)
+    return OptimizerConfig(name=name, scalar=scalar, options=resolve_options(name, options))
+
+
+def config_from_tree(tree: dict[str, Any]) -> TrainConfig:
+    allowed = ["model", "optimizer", *SECTIONS, *TOP_LEVEL]
+    for name in tree:
+        if name not in allowed:
+            raise _unknown("config", name, allowed, also=ALIASES, extra=" (sections, top-level keys, or the short "
+                                                                        "aliases of `train.py --help`)")
+    model_name, model = _build_model(tree.get("model") or {})
+    sections = {name: build_section(cls, tree.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    hints = typing.get_type_hints(TrainConfig)
+    top = {name: coerce(name, tree[name], hints[name]) for name in TOP_LEVEL if name in tree}
+    return TrainConfig(model_name=model_name, model=model, optimizer=_build_optimizer(tree.get("optimizer") or {}),
+                       **sections, **top)
 
 
 def build_config(argv: list[str]) -> TrainConfig:
     """The config from `--config` (default configs/default.yaml) with command-line overrides, validated."""
     config_path, overrides = parse_cli_overrides(argv)
-    values = load_yaml(config_path or DEFAULT_CONFIG)
-    for key, value in overrides.items():
-        if _TYPES[key] is dict and isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    kwargs = {key: _coerce(key, value, _TYPES[key]) for key, value in values.items()}
-    config = TrainConfig(**kwargs)
-    validate(config)
-    return config
+    tree = load_yaml(config_path or DEFAULT_CONFIG)
+    file_optimizer = _optimizer_name(tree.get("optimizer"))
+    cli_optimizer = _optimizer_name(overrides.get("optimizer"))
+    if cli_optimizer is not None and cli_optimizer != file_optimizer:
+        tree = {**tree, "optimizer": {"name": cli_optimizer}}  # the new optimizer starts from its own defaults
+    cli_model = overrides.get("model")
+    if isinstance(cli_model, dict) and "preset" in cli_model:  # a preset named on the command line is the model
+        file_model = tree.get("model")
+        tree = {**tree, "model": {"name": file_model["name"]} if isinstance(file_model, dict) and "name" in
+                file_model else {}}
+    return config_from_tree(_merge(tree, overrides))
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+def _optimizer_name(section: Any) -> str | None:
+    if isinstance(section, dict):
+        return section.get("name")
+    return section
 
 
-def validate(c: TrainConfig) -> None:
-    """Value checks that need no process group (mesh sizes vs world size are checked in trainer.distributed)."""
-    from models.gpt import GPT2_VOCAB_SIZE, GPTConfig
+def help_text(argv: list[str]) -> str:
+    """--help: the effective config tree for the chosen --config (YAML spelling, one-line meanings), the
+    registered optimizers and the chosen optimizer's options."""
     from optimizers.registry import OPTIMIZERS
+    argv = [a for a in argv if a not in ("-h", "--help")]
+    config = build_config(argv)
+    tree = config.to_dict()
+    lines = [f"Effective config for {' '.join(argv) or 'configs/default.yaml'} (YAML spelling; override any key "
+             f"as --section.key value):", ""]
+    meanings = _meanings(config)
+    for section, value in tree.items():
+        if isinstance(value, dict):
+            lines.append(f"{section}:")
+            for name, item in value.items():
+                if isinstance(item, dict):
+                    lines.append(f"  {name}:")
+                    for sub, sub_item in item.items():
+                        lines.append(_help_line(f"    {sub}: {_yaml_value(sub_item)}",
+                                                meanings.get(f"{section}.{name}.{sub}", "")))
+                else:
+                    lines.append(_help_line(f"  {name}: {_yaml_value(item)}", meanings.get(f"{section}.{name}", "")))
+        else:
+            lines.append(_help_line(f"{section}: {_yaml_value(value)}", meanings.get(section, "")))
+    lines += ["", "Short aliases: " + ", ".join(f"--{a} = --{d}" for a, d in ALIASES.items() if a != "optimizer_args"),
+              "", "Optimizers (--optimizer NAME starts from that optimizer's own defaults):"]
+    lines += [f"  {name:<22}{spec.description}" for name, spec in sorted(OPTIMIZERS.items())]
+    return "\n".join(lines)
 
-    try:
-        GPTConfig(vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, model_dim=c.model_dim,
-                  sequence_length=c.sequence_length)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    _require(c.vocab_size >= GPT2_VOCAB_SIZE,
-             f"vocab_size: must be >= {GPT2_VOCAB_SIZE} (GPT-2 tokens); 50304 is the padded size, got {c.vocab_size}")
-    for key in ("batch_size", "device_batch_size", "num_iterations", "val_tokens", "log_every", "keep_checkpoints",
-                "rank_multiple_of", "power_iters"):
-        _require(getattr(c, key) > 0, f"{key}: must be a positive integer, got {getattr(c, key)}")
-    for key in ("val_loss_every", "checkpoint_freq", "cqr_warmup_steps"):
-        _require(getattr(c, key) >= 0, f"{key}: must be >= 0 (0 = off), got {getattr(c, key)}")
-    _require(c.batch_size % c.device_batch_size == 0,
-             f"batch_size: {c.batch_size} is not divisible by device_batch_size={c.device_batch_size}")
-    _require(c.schedule in SCHEDULES, f"schedule: {c.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    for key in ("warmup_ratio", "warmdown_ratio"):
-        _require(0.0 <= getattr(c, key) <= 1.0, f"{key}: must lie in [0, 1], got {getattr(c, key)}")
-    _require(c.warmup_ratio + c.warmdown_ratio <= 1.0,
-             f"warmup_ratio + warmdown_ratio: must be <= 1, got {c.warmup_ratio + c.warmdown_ratio}")
-    _require(c.optimizer in OPTIMIZERS,
-             f"optimizer: unknown name {c.optimizer!r}; registered: {', '.join(sorted(OPTIMIZERS))}")
-    _require(c.scalar_opt is None or c.scalar_opt in SCALAR_OPTIMIZERS,
-             f"scalar_opt: {c.scalar_opt!r} is not one of {', '.join(SCALAR_OPTIMIZERS)}")
-    _require(math.isfinite(c.lr) and c.lr > 0, f"lr: must be a positive number, got {c.lr}")
-    _require(c.scalar_lr is None or c.scalar_lr > 0, f"scalar_lr: must be positive or null, got {c.scalar_lr}")
-    _require(0.0 <= c.mu < 1.0, f"mu: must lie in [0, 1), got {c.mu}")
-    _require(all(0.0 <= b < 1.0 for b in c.betas), f"betas: each must lie in [0, 1), got {list(c.betas)}")
-    _require(c.weight_decay >= 0, f"weight_decay: must be >= 0, got {c.weight_decay}")
-    _require(c.epsilon > 0, f"epsilon: must be positive, got {c.epsilon}")
-    _require(0.0 < c.rank_fraction <= 1.0, f"rank_fraction: must lie in (0, 1], got {c.rank_fraction}")
-    _require(c.qr_method in QR_METHODS, f"qr_method: {c.qr_method!r} is not one of {', '.join(QR_METHODS)}")
-    _require(c.rcqr_oversample >= 1.0, f"rcqr_oversample: must be >= 1, got {c.rcqr_oversample}")
-    _require(c.grad_clip >= 0, f"grad_clip: must be >= 0 (0 = off), got {c.grad_clip}")
-    for key in ("dp_size", "fs_size", "tp_size"):
-        value = getattr(c, key)
-        _require(value is None or value >= 1, f"{key}: must be a positive integer or null, got {value}")
-    if c.tp_size and c.tp_size > 1:
-        _require(c.n_head % c.tp_size == 0, f"tp_size: {c.tp_size} does not divide n_head={c.n_head}")
-    _require(not (c.fused_backward and c.grad_clip > 0),
-             "fused_backward: cannot be combined with grad_clip (each parameter steps before all gradients exist)")
-    if c.data_dir is not None:
-        _require(Path(c.data_dir).is_dir(), f"data_dir: {c.data_dir} is not a directory (use null for the "
-                 f"embedded corpus, or download shards with data/cached_fineweb10B.py)")
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10 ** 6).strip().removesuffix("...").strip()
+
+
+def _help_line(text: str, meaning: str) -> str:
+    return f"{text:<44}# {meaning}" if meaning else text
+
+
+def _meanings(config: TrainConfig) -> dict[str, str]:
+    out = {f"model.{f.name}": f.metadata.get("help", "") for f in dataclasses.fields(config.model)}
+    out["model.name"] = "registered model (models.MODELS)"
+    for name, cls in SECTIONS.items():
+        out.update({f"{name}.{f.name}": f.metadata.get("help", "") for f in dataclasses.fields(cls)})
+    out.update({f"optimizer.scalar.{f.name}": f.metadata.get("help", "") for f in dataclasses.fields(ScalarConfig)})
+    out["optimizer.name"] = "registered optimizer (see the list below)"
+    for option in config.optimizer.options:
+        out[f"optimizer.{option}"] = f"keyword of {config.optimizer.name}'s optimizer class"
+    out.update({f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig) if f.name in TOP_LEVEL})
+    return out

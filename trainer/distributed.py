@@ -3,7 +3,7 @@
 Mesh: (dp, fs, tp) with names ("dp", "fs", "tp"). dp = data-parallel replicas, fs = FSDP shards, tp = tensor
 parallel. Data-parallel rank/size for the data loader come from the dp x fs sub-mesh (TP ranks read the same data).
 
-`parallelize` applies, in this fixed order: tensor parallelism (tp > 1), torch.compile (optional), then FSDP2
+`parallelize` applies, in this fixed order: the model package's tensor-parallel plan (tp > 1), torch.compile (optional), then FSDP2
 `fully_shard` per block and at the root (fs > 1, or HSDP with dp > 1), or DDP when nothing is sharded. Which axis
 the gradient sync covers depends on `replicate_mesh_grad_sync`: when the optimizer syncs the replicas itself
 (Dion's compressed P/R sync), the dp axis is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp.
@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig
+from trainer.errors import ConfigError, LayoutError
 
 
 @dataclass
@@ -60,11 +61,12 @@ class Distributed:
 
 def mesh_sizes(config: TrainConfig, world_size: int) -> tuple[int, int, int]:
     """(dp, fs, tp): unspecified sizes are 1; all unspecified means DDP over every rank."""
-    if config.dp_size is None and config.fs_size is None and config.tp_size is None:
+    sizes = config.parallel
+    if sizes.dp_size is None and sizes.fs_size is None and sizes.tp_size is None:
         return world_size, 1, 1
-    dp, fs, tp = (config.dp_size or 1), (config.fs_size or 1), (config.tp_size or 1)
+    dp, fs, tp = (sizes.dp_size or 1), (sizes.fs_size or 1), (sizes.tp_size or 1)
     if dp * fs * tp != world_size:
-        raise ConfigError(f"dp_size x fs_size x tp_size = {dp} x {fs} x {tp} = {dp * fs * tp} must equal the "
+        raise ConfigError(f"parallel: dp_size x fs_size x tp_size = {dp} x {fs} x {tp} = {dp * fs * tp} must equal the "
                           f"number of processes ({world_size})")
     return dp, fs, tp
 
@@ -90,22 +92,6 @@ def init_distributed(config: TrainConfig) -> Distributed:
     return Distributed(rank, world_size, local_rank, device, dp, fs, tp, mesh)
 
 
-def _apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
-    """Megatron-style TP: q/k/v and MLP input column-parallel, attention output and MLP output row-parallel (heads
-    divided across tp). The per-head QK-norm runs on the local heads, treated as a tensor sharded on its head
-    dimension so its (replicated) gains get their gradient summed over all heads."""
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
-                                                   parallelize_module)
-    for block in model.blocks:
-        parallelize_module(block, tp_mesh, {
-            "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
-            "attn.o": RowwiseParallel(),
-            "attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
-            "attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
-            "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel(),
-        })
-
-
 def _fsdp_placement(param: nn.Parameter):
     """FSDP shards the matrix dimension that TP does not (so Dion sees rows sharded by one mesh and columns by the
     other); plain parameters shard rows."""
@@ -118,9 +104,16 @@ def _fsdp_placement(param: nn.Parameter):
 
 
 def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimizer_syncs_replicas: bool) -> nn.Module:
-    """Apply TP, compile and FSDP2/DDP as described in the module docstring. Returns the module to train."""
+    """Apply the model's TP plan, compile and FSDP2/DDP as described in the module docstring. Returns the module to train."""
     if env.tp > 1:
-        _apply_tensor_parallel(model, env.mesh["tp"])
+        from models import model_package
+        apply_tensor_parallel = model_package(config.model_name).apply_tensor_parallel
+        if apply_tensor_parallel is None:
+            raise LayoutError(f"parallel.tp_size: model {config.model_name!r} has no tensor-parallel plan")
+        try:
+            apply_tensor_parallel(model, env.mesh["tp"])
+        except ValueError as error:
+            raise LayoutError(str(error)) from None
     if config.compile:
         for block in model.blocks:
             block.compile()

@@ -18,7 +18,7 @@ class RunLogger:
         """wandb_id: the run id, the same on every rank (it is stored in checkpoints so a resumed run continues
         the same wandb run)."""
         self.enabled = enabled
-        self.run_dir = Path(config.run_dir)
+        self.run_dir = Path(config.logging.run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb_run = None
         self.wandb_id = wandb_id
@@ -27,9 +27,9 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         self._truncate_after(resume_step)
-        if not config.no_wandb:
+        if config.logging.wandb:
             import wandb
-            self.wandb_run = wandb.init(project=config.wandb_project_name, name=config.wandb_job_name,
+            self.wandb_run = wandb.init(project=config.logging.wandb_project, name=config.logging.wandb_job_name,
                                         id=self.wandb_id, resume="allow", config=config.to_dict(),
                                         dir=str(self.run_dir))
 

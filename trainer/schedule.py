@@ -1,4 +1,4 @@
-"""The config's `schedule` as an LR scheduler: every choice is a warmup-stable-decay shape of
+"""The config's `schedule` section as an LR scheduler: every choice is a warmup-stable-decay shape of
 `optimizers.schedulers.WSDScheduler`, which scales each param group's own base LR (so the LM head's scaled LR keeps
 its ratio).
 
@@ -15,11 +15,12 @@ from trainer.config import TrainConfig
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> WSDScheduler:
-    total = config.num_iterations
-    warmup = int(config.warmup_ratio * total)
-    if config.schedule == "wsd":
-        decay = int(config.warmdown_ratio * total)
+    schedule = config.schedule
+    total = schedule.num_iterations
+    warmup = int(schedule.warmup_ratio * total)
+    if schedule.name == "wsd":
+        decay = int(schedule.warmdown_ratio * total)
         return WSDScheduler(optimizer, warmup, total - warmup - decay, decay)
-    if config.schedule == "cosine":
+    if schedule.name == "cosine":
         return WSDScheduler(optimizer, warmup, 0, total - warmup, decay_shape="cosine")
     return WSDScheduler(optimizer, warmup, total - warmup, 0)

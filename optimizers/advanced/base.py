@@ -37,6 +37,7 @@ from optimizers.advanced.sharding import ShardReducer, local_tensor, shard_group
 from optimizers.advanced.transforms import (ademamix_alpha, ademamix_beta3, cautious_mask_, copy_stochastic_,
                                             grams_, orthogonalize_gradient)
 from optimizers.closure import closure_loss
+from optimizers.hooks import TrainingHooks
 
 UpdateResult = tuple[Tensor, float, float] | None
 
@@ -82,9 +83,11 @@ def apply_update_(param: Tensor, update: Tensor, step_size: float, decay: float,
         param.copy_(result)
 
 
-class AdvancedOptimizer(Optimizer):
+class AdvancedOptimizer(Optimizer, TrainingHooks):
     """State per parameter: `step` (int, updates of this parameter) plus the member's moments (see
     `optimizers.advanced.factored.Moment` for the dense and factored layouts)."""
+
+    supports_fused_backward = True
 
     SUPPORTED_FEATURES: ClassVar[frozenset[str]]
     # True when `_direction` is element-wise for dense states (no reduction over the tensor, nothing but the

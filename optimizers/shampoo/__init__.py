@@ -1,6 +1,5 @@
-"""Distributed Shampoo with learning-rate grafting: `DistributedShampoo`, its option enums and the registry builder."""
+"""Distributed Shampoo with learning-rate grafting: `DistributedShampoo` and its option enums."""
 from optimizers.shampoo.config import GraftingType, LargeDimMethod, Precision, RootInverseMethod, ShampooConfig
-from optimizers.shampoo.optimizer import DistributedShampoo, build
+from optimizers.shampoo.optimizer import DistributedShampoo
 
-__all__ = ["DistributedShampoo", "GraftingType", "LargeDimMethod", "Precision", "RootInverseMethod", "ShampooConfig",
-           "build"]
+__all__ = ["DistributedShampoo", "GraftingType", "LargeDimMethod", "Precision", "RootInverseMethod", "ShampooConfig"]

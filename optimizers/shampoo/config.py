@@ -1,6 +1,6 @@
 """Typed options of DistributedShampoo: enums for the choices and one frozen dataclass validated on construction.
 
-Every enum accepts its member, or its value as a string (case-insensitive) so YAML `optimizer_args` can name it;
+Every enum accepts its member, or its value as a string (case-insensitive) so a YAML config can name it;
 anything else raises a ValueError naming the key and the allowed values.
 """
 from __future__ import annotations

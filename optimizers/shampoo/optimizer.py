@@ -8,7 +8,6 @@ distribution of the root-inverse work (`distributed.py`).
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -243,25 +242,3 @@ def _identity_like(factor: Tensor) -> Tensor:
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """Element-wise arithmetic runs in at least float32."""
     return torch.promote_types(t.dtype, torch.float32)
-
-
-def build(ctx) -> Optimizer:
-    """Registry builder: Shampoo on the matrices (AdamW/Lion on the rest via CompositeOptimizer), with ctx's lr,
-    betas, epsilon (also the grafting epsilon), weight decay and betas[1] as grafting_beta2, overridden by
-    `optimizer_args`. `optimizer_args: {all_params: true}` puts every parameter in Shampoo instead: embeddings, LM
-    head and vectors form a second group with scalar_lr and no weight decay."""
-    options = dict(ctx.options)
-    all_params = options.pop("all_params", False)
-    if not isinstance(all_params, bool):
-        raise ValueError(f"optimizer_args: all_params must be true or false; got {all_params!r}")
-    kwargs = dataclasses.replace(ctx, options=options).constructor_kwargs(
-        DistributedShampoo, lr=ctx.lr, betas=tuple(ctx.betas), epsilon=ctx.epsilon, weight_decay=ctx.weight_decay,
-        grafting_epsilon=ctx.epsilon, grafting_beta2=ctx.betas[1])
-    if not all_params:
-        return ctx.with_scalar_optimizer(DistributedShampoo(ctx.matrix_params, **kwargs))
-    others = ctx.embedding_params + ctx.lm_head_params + ctx.vector_params
-    scalar_lr = ctx.scalar_lr if ctx.scalar_lr is not None else ctx.lr
-    groups = [dict(params=ctx.matrix_params)]
-    if others:
-        groups.append(dict(params=others, lr=scalar_lr, weight_decay=0.0))
-    return DistributedShampoo(groups, **kwargs)

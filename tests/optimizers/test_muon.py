@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optimizers.muon import AdjustLR, Muon, build, lr_scale, newton_schulz
-from optimizers.registry import OPTIMIZERS, OptimizerContext
+from optimizers.muon import AdjustLR, Muon, lr_scale, newton_schulz
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(32, 16), (16, 32), (32, 16), (24, 24)]
@@ -181,15 +181,15 @@ def test_build_puts_matrices_on_muon_and_the_rest_on_the_scalar_algorithm():
     embedding, head = torch.randn(20, 8, requires_grad=True), torch.zeros(20, 8, requires_grad=True)
     gain = torch.ones(8, requires_grad=True)
     ctx = OptimizerContext(matrix_params=matrices, embedding_params=[embedding], lm_head_params=[head],
-                           vector_params=[gain], model_dim=8, lr=0.02, scalar_opt="adamw",
-                           options=dict(adjust_lr="rms_norm"))
-    optimizer = build(ctx)
+                           vector_params=[gain], model_dim=8, scalar="adamw",
+                           options=dict(lr=0.02, adjust_lr="rms_norm"))
+    optimizer = build_optimizer("muon", ctx)
     algorithms = [(g["algorithm"], len(g["params"])) for g in optimizer.param_groups]
     assert algorithms == [("muon", 2), ("adamw", 1), ("adamw", 1), ("adamw", 1)]
     assert optimizer.param_groups[0]["adjust_lr"] == "rms_norm"
-    assert not OPTIMIZERS["muon"].syncs_replicate_grads and not OPTIMIZERS["muon"].elementwise
-    with pytest.raises(ValueError, match="unknown key"):
-        build(OptimizerContext(matrix_params=matrices, embedding_params=[], lm_head_params=[], vector_params=[],
+    assert not OPTIMIZERS["muon"].syncs_replicate_grads and OPTIMIZERS["muon"].scalar is ScalarPolicy.BUILTIN
+    with pytest.raises(ValueError, match="not an option of optimizer 'muon'"):
+        build_optimizer("muon", OptimizerContext(matrix_params=matrices, embedding_params=[], lm_head_params=[], vector_params=[],
                                model_dim=8, options=dict(momentum=0.9)))
 
 

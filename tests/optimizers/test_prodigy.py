@@ -8,8 +8,8 @@ import pytest
 import torch
 from prodigyopt import Prodigy as ReferenceProdigy
 
-from optimizers.prodigy import Prodigy, build, prodigy_d_estimate
-from optimizers.registry import OPTIMIZERS, OptimizerContext
+from optimizers.prodigy import Prodigy, prodigy_d_estimate
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer
 
 VARIANTS = {
     "defaults": dict(),
@@ -106,20 +106,20 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_build_takes_every_parameter_unless_a_scalar_optimizer_is_chosen():
-    assert OPTIMIZERS["prodigy"].elementwise
+    assert OPTIMIZERS["prodigy"].scalar is ScalarPolicy.SAME
     torch.manual_seed(0)
 
     def context(**overrides):
         return OptimizerContext(matrix_params=[torch.randn(8, 8, requires_grad=True)], embedding_params=[],
                                 lm_head_params=[torch.zeros(11, 8, requires_grad=True)],
-                                vector_params=[torch.ones(8, requires_grad=True)], model_dim=8, lr=1.0, **overrides)
+                                vector_params=[torch.ones(8, requires_grad=True)], model_dim=8, **overrides)
 
-    everything = build(context(scalar_opt="adamw", scalar_opt_explicit=False, options=dict(d_coef=0.5)))
+    everything = build_optimizer("prodigy", context(options=dict(lr=1.0, d_coef=0.5)))
     assert isinstance(everything, Prodigy) and len(everything.param_groups) == 3
     assert everything.param_groups[0]["d_coef"] == 0.5
-    composite = build(context(scalar_opt="adamw", scalar_opt_explicit=True))
+    composite = build_optimizer("prodigy", context(scalar="adamw"))
     assert [type(o).__name__ for o in composite.optimizers] == ["Prodigy", "AdamW"]
-    with pytest.raises(ValueError, match="unknown key"):
-        build(context(options=dict(fsdp_in_use=True)))
+    with pytest.raises(ValueError, match="not an option of optimizer 'prodigy'"):
+        build_optimizer("prodigy", context(options=dict(fsdp_in_use=True)))
     with pytest.raises(ValueError, match="slice_p must be >= 1"):
         Prodigy([torch.zeros(2, requires_grad=True)], slice_p=0)

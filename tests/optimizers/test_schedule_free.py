@@ -8,8 +8,8 @@ import pytest
 import torch
 from schedulefree import AdamWScheduleFree, AdamWScheduleFreeReference
 
-from optimizers.registry import OPTIMIZERS, OptimizerContext
-from optimizers.schedule_free import ScheduleFreeAdamW, build
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer
+from optimizers.schedule_free import ScheduleFreeAdamW
 
 OPTIONS = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup_steps=3)
 
@@ -114,20 +114,20 @@ def test_lowers_a_least_squares_loss_in_eval_mode():
 
 
 def test_build_takes_every_parameter_unless_a_scalar_optimizer_is_chosen():
-    assert OPTIMIZERS["schedule_free_adamw"].elementwise
+    assert OPTIMIZERS["schedule_free_adamw"].scalar is ScalarPolicy.SAME
     torch.manual_seed(0)
 
     def context(**overrides):
         return OptimizerContext(matrix_params=[torch.randn(8, 8, requires_grad=True)],
                                 embedding_params=[torch.randn(11, 8, requires_grad=True)], lm_head_params=[],
-                                vector_params=[torch.ones(8, requires_grad=True)], model_dim=8, lr=3e-3, **overrides)
+                                vector_params=[torch.ones(8, requires_grad=True)], model_dim=8, **overrides)
 
-    everything = build(context(scalar_opt="adamw", scalar_opt_explicit=False, options=dict(warmup_steps=10)))
+    everything = build_optimizer("schedule_free_adamw", context(options=dict(lr=3e-3, warmup_steps=10)))
     assert isinstance(everything, ScheduleFreeAdamW) and len(everything.param_groups) == 3
     assert everything.param_groups[0]["warmup_steps"] == 10
-    composite = build(context(scalar_opt="lion", scalar_opt_explicit=True))
+    composite = build_optimizer("schedule_free_adamw", context(scalar="lion"))
     assert [type(o).__name__ for o in composite.optimizers] == ["ScheduleFreeAdamW", "Lion"]
     composite.eval()
     assert composite.param_groups[0]["train_mode"] is False
-    with pytest.raises(ValueError, match="unknown key"):
-        build(context(options=dict(warmup=10)))
+    with pytest.raises(ValueError, match="not an option of optimizer 'schedule_free_adamw'"):
+        build_optimizer("schedule_free_adamw", context(options=dict(warmup=10)))

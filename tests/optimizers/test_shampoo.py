@@ -400,35 +400,36 @@ def gpt_like_context(**kwargs) -> OptimizerContext:
     embedding, head = parameters([(16, 4), (16, 4)], seed=2, dtype=torch.float32)
     (gain,) = [torch.nn.Parameter(torch.ones(4))]
     return OptimizerContext(matrix_params=matrices, embedding_params=[embedding], lm_head_params=[head],
-                            vector_params=[gain], model_dim=4, scalar_opt="adamw", **kwargs)
+                            vector_params=[gain], model_dim=4, **kwargs)
 
 
 def test_registry_builds_shampoo_on_matrices_and_scalar_optimizer_on_the_rest():
-    ctx = gpt_like_context(lr=0.02, options={"precondition_frequency": 3, "grafting_type": "rmsprop"})
+    ctx = gpt_like_context(options={"lr": 0.02, "precondition_frequency": 3, "grafting_type": "rmsprop"})
     optimizer = build_optimizer("shampoo", ctx)
     assert isinstance(optimizer, CompositeOptimizer)
     shampoo, scalar = optimizer.optimizers
     assert isinstance(shampoo, DistributedShampoo) and isinstance(scalar, AdamW)
     assert [id(p) for p in shampoo.param_groups[0]["params"]] == [id(p) for p in ctx.matrix_params]
     assert shampoo.config.precondition_frequency == 3 and shampoo.config.grafting_type is GraftingType.RMSPROP
-    assert shampoo.config.grafting_epsilon == ctx.epsilon and shampoo.config.grafting_beta2 == ctx.betas[1]
+    assert shampoo.config.grafting_epsilon == 1e-8 and shampoo.config.grafting_beta2 == 0.999  # registry defaults
     assert shampoo.param_groups[0]["lr"] == 0.02
-    before = [p.detach().clone() for p in ctx.all_params]
-    run_steps(optimizer, ctx.all_params, range(2))
-    assert all(not torch.equal(a, b) for a, b in zip(before, ctx.all_params))
+    every = ctx.matrix_params + ctx.embedding_params + ctx.lm_head_params + ctx.vector_params
+    before = [p.detach().clone() for p in every]
+    run_steps(optimizer, every, range(2))
+    assert all(not torch.equal(a, b) for a, b in zip(before, every))
 
 
-def test_all_params_option_puts_every_parameter_in_shampoo():
-    ctx = gpt_like_context(lr=0.02, scalar_lr=0.003, options={"all_params": True, "max_preconditioner_dim": 8})
+def test_scalar_same_puts_every_parameter_in_shampoo():
+    ctx = gpt_like_context(scalar="same", scalar_lr=0.003, options={"lr": 0.02, "max_preconditioner_dim": 8})
     optimizer = build_optimizer("shampoo", ctx)
     assert isinstance(optimizer, DistributedShampoo)
-    matrices, others = optimizer.param_groups
+    matrices, *others = optimizer.param_groups
     assert [id(p) for p in matrices["params"]] == [id(p) for p in ctx.matrix_params]
-    assert {id(p) for p in others["params"]} == {id(p) for p in ctx.embedding_params + ctx.lm_head_params
-                                                 + ctx.vector_params}
-    assert (others["lr"], others["weight_decay"]) == (0.003, 0.0)
+    assert {id(p) for g in others for p in g["params"]} == {id(p) for p in ctx.embedding_params
+                                                            + ctx.lm_head_params + ctx.vector_params}
+    assert all((g["lr"], g["weight_decay"]) == (0.003, 0.0) for g in others)
     assert optimizer.config.max_preconditioner_dim == 8
-    run_steps(optimizer, ctx.all_params, range(2))
+    run_steps(optimizer, ctx.matrix_params + ctx.embedding_params + ctx.lm_head_params + ctx.vector_params, range(2))
 
 
 def test_build_rejects_unknown_option_naming_it():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from pytorch_optimizer import SOAP as ReferenceSOAP
 
-from optimizers.registry import OPTIMIZERS, OptimizerContext
-from optimizers.soap import SOAP, build, merged_shape
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer
+from optimizers.soap import SOAP, merged_shape
 
 
 def _twins(shapes, seed=0):
@@ -109,13 +109,13 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_build_uses_the_scalar_optimizer_for_non_matrix_parameters():
-    assert not OPTIMIZERS["soap"].elementwise
+    assert OPTIMIZERS["soap"].scalar is ScalarPolicy.SEPARATE
     torch.manual_seed(0)
     ctx = OptimizerContext(matrix_params=[torch.randn(8, 8, requires_grad=True)],
                            embedding_params=[torch.randn(11, 8, requires_grad=True)], lm_head_params=[],
-                           vector_params=[torch.ones(8, requires_grad=True)], model_dim=8, lr=3e-3,
-                           scalar_opt="adamw", options=dict(precondition_frequency=5))
-    optimizer = build(ctx)
+                           vector_params=[torch.ones(8, requires_grad=True)], model_dim=8,
+                           options=dict(lr=3e-3, precondition_frequency=5))
+    optimizer = build_optimizer("soap", ctx)
     assert [type(o).__name__ for o in optimizer.optimizers] == ["SOAP", "AdamW"]
     assert optimizer.param_groups[0]["precondition_frequency"] == 5
     with pytest.raises(ValueError, match="precondition_frequency must be >= 1"):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from sophia_opt import SophiaG
 from torch import nn
 
-from optimizers.registry import OPTIMIZERS, OptimizerContext
-from optimizers.sophia import Sophia, build
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer
+from optimizers.sophia import Sophia
 
 TOKENS = 64
 
@@ -125,17 +125,17 @@ def _context(**overrides):
     fields = dict(matrix_params=[torch.randn(8, 8, requires_grad=True)],
                   embedding_params=[torch.randn(11, 8, requires_grad=True)],
                   lm_head_params=[torch.zeros(11, 8, requires_grad=True)],
-                  vector_params=[torch.ones(8, requires_grad=True)], model_dim=8, lr=1e-3, betas=(0.965, 0.99),
-                  weight_decay=0.2, tokens_per_step=TOKENS)
+                  vector_params=[torch.ones(8, requires_grad=True)], model_dim=8, tokens_per_step=TOKENS)
     fields.update(overrides)
+    fields["options"] = dict(lr=1e-3, betas=(0.965, 0.99), weight_decay=0.2, **fields.get("options", {}))
     return OptimizerContext(**fields)
 
 
 def test_build_takes_every_parameter_unless_a_scalar_optimizer_is_chosen():
-    assert OPTIMIZERS["sophia"].elementwise
-    everything = build(_context(scalar_opt="adamw", scalar_opt_explicit=False))
+    assert OPTIMIZERS["sophia"].scalar is ScalarPolicy.SAME
+    everything = build_optimizer("sophia", _context())
     assert isinstance(everything, Sophia) and sum(len(g["params"]) for g in everything.param_groups) == 4
-    composite = build(_context(scalar_opt="lion", scalar_opt_explicit=True, options=dict(hessian_interval=1)))
+    composite = build_optimizer("sophia", _context(scalar="lion", options=dict(hessian_interval=1)))
     assert [type(o).__name__ for o in composite.optimizers] == ["Sophia", "Lion"]
     # The composite forwards the hook to its Sophia part.
     assert composite.hessian_update_due() is True
@@ -143,6 +143,6 @@ def test_build_takes_every_parameter_unless_a_scalar_optimizer_is_chosen():
 
 def test_rejects_missing_batch_size_and_unknown_options():
     with pytest.raises(ValueError, match="tokens_per_step must be > 0"):
-        build(_context(tokens_per_step=0))
-    with pytest.raises(ValueError, match="unknown key"):
-        build(_context(options=dict(k=10)))
+        build_optimizer("sophia", _context(tokens_per_step=0))
+    with pytest.raises(ValueError, match="not an option of optimizer 'sophia'"):
+        build_optimizer("sophia", _context(options=dict(k=10)))

@@ -106,9 +106,13 @@ def test_compare_dry_run_lists_one_valid_train_command_per_run(tmp_path, capsys)
     for name, overrides in runs.items():
         command = compare_optimizers.train_command(compare_optimizers.DEFAULT_BASE, tmp_path / name, overrides)
         config = build_config(command[2:])
-        assert config.run_dir == str(tmp_path / name)
-        for key, value in overrides.items():
-            got = getattr(config, key)
+        assert config.logging.run_dir == str(tmp_path / name)
+        wanted = dict(overrides["optimizer"])
+        assert config.optimizer.name == wanted.pop("name"), name
+        if "scalar" in wanted:
+            assert config.optimizer.scalar.name == wanted.pop("scalar")["name"], name
+        for key, value in wanted.items():
+            got = config.optimizer.options[key]
             assert (list(got) if isinstance(got, tuple) else got) == value, (name, key)
 
 
@@ -119,7 +123,7 @@ def test_compare_skips_a_finished_run(tmp_path, capsys):
     assert compare_optimizers.main(["--dry-run", "--output", str(tmp_path), "--only", "adamw", "lion"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("skip adamw")
-    assert "--optimizer lion" in lines[1] and len(lines) == 2
+    assert "--optimizer.name lion" in lines[1] and len(lines) == 2
 
 
 def test_compare_unknown_run_name_is_a_clean_error(capsys):

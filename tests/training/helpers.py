@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model_dim", "32", "--n_layer", "1", "--n_head", "2", "--sequence_length", "32", "--batch_size", "4",
-        "--device_batch_size", "4", "--val_tokens", "512", "--val_loss_every", "0", "--warmdown_ratio", "0",
-        "--log_every", "1", "--no_wandb", "true"]
+        "--device_batch_size", "4", "--data.val_tokens", "512", "--val_loss_every", "0",
+        "--schedule.warmdown_ratio", "0", "--logging.log_every", "1", "--logging.wandb", "false"]
 
 
 def run_train(run_dir: Path, *args: str) -> int:

@@ -25,7 +25,7 @@ LAYOUTS = {
 STEPS = ["--num_iterations", "3", "--batch_size", "8", "--device_batch_size", "2"]
 OPTIMIZERS = {
     "adamw": (["--optimizer", "adamw", "--lr", "0.01"], 1e-5),
-    "dion": (["--optimizer", "dion", "--lr", "0.02", "--qr_method", "qr", "--rank_fraction", "0.5"], 1e-4),
+    "dion": (["--optimizer", "dion", "--lr", "0.02", "--optimizer.qr_method", "qr", "--rank_fraction", "0.5"], 1e-4),
 }
 
 
@@ -68,8 +68,8 @@ def test_layout_resumes_exactly_from_its_own_checkpoint(layout, optimizer, tmp_p
 
 def test_dion_compressed_sync_matches_full_gradient_sync(tmp_path):
     args = [*STEPS, *OPTIMIZERS["dion"][0], "--dp_size", "2"]
-    compressed = launch(2, tmp_path / "compressed", *args, "--replicate_mesh_grad_sync", "true")
-    full = launch(2, tmp_path / "full", *args, "--replicate_mesh_grad_sync", "false")
+    compressed = launch(2, tmp_path / "compressed", *args, "--parallel.replicate_mesh_grad_sync", "true")
+    full = launch(2, tmp_path / "full", *args, "--parallel.replicate_mesh_grad_sync", "false")
     assert compressed == pytest.approx(full, rel=1e-4)
 
 

@@ -6,8 +6,8 @@ from trainer.schedule import build_scheduler
 
 
 def lrs_for(schedule: str, base_lrs=(1.0, 0.25)) -> list[list[float]]:
-    config = build_config(["--schedule", schedule, "--num_iterations", "10", "--warmup_ratio", "0.2",
-                           "--warmdown_ratio", "0.3"])
+    config = build_config(["--schedule.name", schedule, "--num_iterations", "10", "--schedule.warmup_ratio", "0.2",
+                           "--schedule.warmdown_ratio", "0.3"])
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in base_lrs]
     optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, base_lrs)])
     scheduler = build_scheduler(optimizer, config)

@@ -12,7 +12,7 @@ from models import GPT, GPTConfig
 from optimizers import CompositeOptimizer, build_optimizer
 from optimizers.advanced import (Adam_Adv, Adopt_Adv, Lion_Adv, Prodigy_Adv, Prodigy_Lion_Adv,
                                  Simplified_AdEMAMix)
-from optimizers.registry import OPTIMIZERS, OptimizerContext
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy
 
 # Every feature a class accepts, except stochastic rounding (it draws random numbers in hook order, and the test
 # models are float32, for which it is a no-op) and cautious_mask where grams is on (they exclude each other).
@@ -148,16 +148,15 @@ def gpt_context(model: GPT, **overrides) -> OptimizerContext:
                             model_dim=TINY.model_dim, **overrides)
 
 
-def test_advanced_names_are_registered_as_elementwise():
+def test_advanced_names_take_every_parameter_by_default():
     for name in NAMES.values():
-        assert OPTIMIZERS[name].elementwise
+        assert OPTIMIZERS[name].scalar is ScalarPolicy.SAME
 
 
 @pytest.mark.parametrize("cls", list(NAMES), ids=lambda cls: cls.__name__)
 def test_builder_takes_every_parameter_without_an_explicit_scalar_optimizer(cls):
     model = GPT(TINY)
-    optimizer = build_optimizer(NAMES[cls], gpt_context(model, scalar_opt_explicit=False,
-                                                         options=dict(factored=True)))
+    optimizer = build_optimizer(NAMES[cls], gpt_context(model, options=dict(factored=True)))
     assert type(optimizer) is cls and optimizer.features.factored
     owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert owned == {id(p) for p in model.parameters()}
@@ -166,7 +165,7 @@ def test_builder_takes_every_parameter_without_an_explicit_scalar_optimizer(cls)
 @pytest.mark.parametrize("cls", list(NAMES), ids=lambda cls: cls.__name__)
 def test_builder_with_explicit_scalar_optimizer_takes_the_matrices_only(cls):
     model = GPT(TINY)
-    context = gpt_context(model, scalar_opt="adamw", scalar_opt_explicit=True)
+    context = gpt_context(model, scalar="adamw")
     optimizer = build_optimizer(NAMES[cls], context)
     assert isinstance(optimizer, CompositeOptimizer) and type(optimizer.optimizers[0]) is cls
     assert {id(p) for g in optimizer.optimizers[0].param_groups for p in g["params"]} == \
@@ -175,7 +174,7 @@ def test_builder_with_explicit_scalar_optimizer_takes_the_matrices_only(cls):
 
 def test_builder_rejects_an_unknown_option_and_an_unsupported_feature():
     model = GPT(TINY)
-    with pytest.raises(ValueError, match="unknown key\\(s\\) factorized"):
+    with pytest.raises(ValueError, match="factorized: not an option of optimizer 'lion_adv'"):
         build_optimizer("lion_adv", gpt_context(model, options=dict(factorized=True)))
     with pytest.raises(ValueError, match="unsupported feature\\(s\\) grams"):
         build_optimizer("lion_adv", gpt_context(model, options=dict(grams=True)))
@@ -195,8 +194,8 @@ TRAINING = {
 def test_tiny_gpt_loss_decreases_with_factored_states_and_fused_backward(name):
     torch.manual_seed(0)
     model = GPT(TINY)
-    optimizer = build_optimizer(name, gpt_context(model, scalar_opt_explicit=False, weight_decay=0.0,
-                                                  lr=TRAINING[name]["lr"], options=TRAINING[name]["options"]))
+    optimizer = build_optimizer(name, gpt_context(model, options=dict(weight_decay=0.0, lr=TRAINING[name]["lr"],
+                                                                      **TRAINING[name]["options"])))
     optimizer.register_fused_backward_hooks()
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, TINY.vocab_size, (2, TINY.sequence_length + 1), generator=generator)

@@ -16,7 +16,7 @@ size regardless of the weight's scale):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,13 @@ GPT2_VOCAB_SIZE = 50257
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 6
-    model_dim: int = 768
-    sequence_length: int = 1024
+    """The `model` section of a training config (YAML `model:`), validated on construction."""
+    vocab_size: int = field(default=50304, metadata={"help": "token ids the model embeds (50304 = GPT-2's 50257 "
+                                                             "padded to a multiple of 128)"})
+    n_layer: int = field(default=12, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=6, metadata={"help": "attention heads (model_dim / n_head must be even)"})
+    model_dim: int = field(default=768, metadata={"help": "width of the residual stream"})
+    sequence_length: int = field(default=1024, metadata={"help": "tokens per training sequence (RoPE table size)"})
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layer", "n_head", "model_dim", "sequence_length"):
@@ -155,6 +157,15 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """How optimizers should treat each parameter: `matrix` (the blocks' 2D weights: orthonormalized by Dion and
+        Muon), `embedding`, `lm_head`, `vector` (norm gains). Every parameter appears exactly once."""
+        matrices = [p for p in self.blocks.parameters() if p.ndim == 2]
+        taken = {id(p) for p in matrices} | {id(self.embed.weight), id(self.lm_head.weight)}
+        vectors = [p for p in self.parameters() if id(p) not in taken]
+        return {"matrix": matrices, "embedding": [self.embed.weight], "lm_head": [self.lm_head.weight],
+                "vector": vectors}
 
     def num_parameters(self, exclude_embedding: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())

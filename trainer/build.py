@@ -1,0 +1,77 @@
+"""Building the pieces of a run from the config: model, optimizer, data files and batch split. Used by train.py
+and the scripts."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from data import find_shards
+from data.corpus import ensure_embedded_corpus
+from models import model_package
+from optimizers.registry import OptimizerContext, build_optimizer, get_spec
+from trainer.config import TrainConfig
+from trainer.distributed import Distributed
+from trainer.errors import ConfigError, LayoutError
+
+
+def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The configured model, initialized from `config.seed`, on `device`."""
+    torch.manual_seed(config.seed)
+    return model_package(config.model_name).Model(config.model).to(device)
+
+
+def optimizer_syncs_replicas(config: TrainConfig, env: Distributed) -> bool:
+    """True when the optimizer all-reduces the data-parallel replicas itself (Dion's compressed P/R sync), so
+    DDP/FSDP leave the dp axis alone."""
+    spec = get_spec(config.optimizer.name)
+    return spec.syncs_replicate_grads and config.parallel.replicate_mesh_grad_sync and env.dp > 1
+
+
+def check_layout(config: TrainConfig, env: Distributed) -> None:
+    """Refusals that depend on the optimizer and the mesh, before any work."""
+    name = config.optimizer.name
+    if env.tp > 1 and not get_spec(name).supports_tensor_parallel:
+        raise LayoutError(f"parallel.tp_size: optimizer {name!r} does not support tensor parallelism; use tp_size 1 "
+                          f"or one of the optimizers marked TP in the README")
+    if config.grad_clip > 0 and optimizer_syncs_replicas(config, env):
+        raise LayoutError("grad_clip: not available while the optimizer syncs replicas itself "
+                          "(parallel.replicate_mesh_grad_sync true with dp_size > 1); set it false")
+
+
+def build_training_optimizer(model: nn.Module, config: TrainConfig, env: Distributed) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's parameter groups, with the meshes of `env`. A value the optimizer
+    refuses becomes a ConfigError naming the optimizer."""
+    name = config.optimizer.name
+    context = OptimizerContext.from_groups(
+        model.param_groups(), model_dim=config.model.model_dim, options=dict(config.optimizer.options),
+        scalar=config.optimizer.scalar.name, scalar_lr=config.optimizer.scalar.lr,
+        mixed_precision=config.mixed_precision, tokens_per_step=config.tokens_per_step,
+        replicate_mesh=env.submesh("dp"), outer_shard_mesh=env.submesh("fs"), inner_shard_mesh=env.submesh("tp"),
+        replicate_mesh_grad_sync=optimizer_syncs_replicas(config, env))
+    try:
+        return build_optimizer(name, context)
+    except ValueError as error:
+        raise ConfigError(f"optimizer {name}: {error}") from None
+
+
+def data_files(config: TrainConfig, env: Distributed):
+    if config.data.dir is None:
+        if env.is_main:
+            ensure_embedded_corpus()
+        env.barrier()
+        data_dir = ensure_embedded_corpus()
+    else:
+        data_dir = config.data.dir
+    return find_shards(data_dir, "train"), find_shards(data_dir, "val")
+
+
+def micro_batch_size(config: TrainConfig, env: Distributed) -> tuple[int, int]:
+    """(sequences per micro-batch per rank, micro-batches per step): data.device_batch_size, or batch_size / ranks."""
+    batch_size, ranks = config.data.batch_size, env.data_world_size
+    device_batch_size = config.data.device_batch_size or max(batch_size // ranks, 1)
+    per_step = device_batch_size * ranks
+    if batch_size % per_step != 0:
+        raise ConfigError(f"data.batch_size: {batch_size} is not divisible by data.device_batch_size x data-parallel "
+                          f"ranks = {device_batch_size} x {ranks}; pick a batch_size that is a multiple of "
+                          f"{per_step}, or leave device_batch_size null")
+    return device_batch_size, batch_size // per_step
