@@ -20,13 +20,13 @@ import uuid
 import torch
 
 from data import DistributedTokenLoader, ShardError, validation_batches
-from optimizers.hooks import training_hooks
+from optimizers.common.hooks import training_hooks
 from trainer.build import (build_model, build_training_optimizer, check_layout, data_files, micro_batch_size,
                            optimizer_syncs_replicas)
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, build_config, help_text
-from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed,
-                                 no_gradient_sync, parallelize, unwrap)
+from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed, no_gradient_sync,
+                                 parallelize, unwrap)
 from trainer.errors import ConfigError, UserError
 from trainer.metrics import RunLogger
 from trainer.runtime import keep_large_allocations_in_heap

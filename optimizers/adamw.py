@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optimizers.closure import closure_loss
-from optimizers.scalar_updates import adamw_update
+from optimizers.common.closure import closure_loss
+from optimizers.common.scalar_updates import adamw_update
 
 
 def _is_plain(t: Tensor) -> bool:
@@ -32,7 +32,7 @@ class AdamW(Optimizer):
     fused: None (default) runs torch's fused AdamW kernel wherever it applies (plain CPU/CUDA tensors of one dtype:
     one pass over parameters, gradients and states) and the foreach path elsewhere (DTensors, mixed dtypes);
     True asks for the kernel with the same fallback; False always takes the foreach path (on CPU cache-tiled, see
-    optimizers/foreach_tiles.py).
+    optimizers/common/foreach_tiles.py).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

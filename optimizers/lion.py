@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from optimizers.closure import closure_loss
-from optimizers.scalar_updates import lion_update
+from optimizers.common.closure import closure_loss
+from optimizers.common.scalar_updates import lion_update
 
 
 class Lion(Optimizer):

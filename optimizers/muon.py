@@ -3,7 +3,7 @@ Scalable for LLM Training"): SGD-momentum whose update matrix is replaced by its
 computed with a few Newton-Schulz iterations.
 
 Like Dion, the optimizer carries built-in scalar algorithms: a param group with `algorithm` = "lion" or "adamw"
-(embeddings, norm gains, LM head) runs the shared element-wise updates of `optimizers.scalar_updates`; the default
+(embeddings, norm gains, LM head) runs the shared element-wise updates of `optimizers.common.scalar_updates`; the default
 "muon" groups must hold 2D matrices.
 
 Distributed execution never orthogonalizes a shard on its own (the orthogonal factor of a block of rows is not the
@@ -31,9 +31,10 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
-from optimizers.closure import closure_loss
-from optimizers.options import parse_choice
-from optimizers.scalar_updates import adamw_update, lion_update
+from optimizers.common.closure import closure_loss
+from optimizers.common.choices import parse_choice
+from optimizers.common.scalar_updates import adamw_update, lion_update
+from optimizers.common.tensors import local_tensor
 
 # Quintic coefficients from Keller Jordan's Muon: they maximise the slope at zero so 5 steps suffice, leaving singular
 # values in roughly [0.7, 1.2] rather than exactly 1, which does not hurt training.
@@ -116,10 +117,6 @@ def muon_apply_update(params: list[Tensor], orthogonalized: list[Tensor], scales
     steps = [o.to(p.dtype) for o, p in zip(orthogonalized, params)]
     torch._foreach_mul_(steps, [-lr * s for s in scales])
     torch._foreach_add_(params, steps)
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _pad_to(t: Tensor, dim: int, size: int) -> Tensor:
@@ -350,8 +347,8 @@ class Muon(Optimizer):
             group["step"] += 1
             algorithm = Algorithm(group["algorithm"])
             if algorithm is Algorithm.MUON:
-                momenta = [_local(self._state(p, "momentum")) for p in params]
-                muon_updates += muon_momentum_update([_local(p.grad) for p in params], momenta, mu=group["mu"],
+                momenta = [local_tensor(self._state(p, "momentum")) for p in params]
+                muon_updates += muon_momentum_update([local_tensor(p.grad) for p in params], momenta, mu=group["mu"],
                                                      nesterov=group["nesterov"])
                 muon_params += params
                 muon_groups.append((group, params))
@@ -371,7 +368,7 @@ class Muon(Optimizer):
             start = 0
             for group, params in muon_groups:
                 adjust_lr = AdjustLR(group["adjust_lr"])
-                muon_apply_update([_local(p) for p in params], orthogonalized[start:start + len(params)],
+                muon_apply_update([local_tensor(p) for p in params], orthogonalized[start:start + len(params)],
                                   [lr_scale(adjust_lr, p.shape) for p in params], lr=group["lr"],
                                   weight_decay=group["weight_decay"])
                 start += len(params)

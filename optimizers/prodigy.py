@@ -26,9 +26,10 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
-from optimizers import foreach_tiles
-from optimizers.closure import closure_loss
-from optimizers.foreach_tiles import tiled
+from optimizers.common import foreach_tiles
+from optimizers.common.closure import closure_loss
+from optimizers.common.foreach_tiles import tiled
+from optimizers.common.tensors import local_tensor
 
 
 @torch.no_grad()
@@ -64,10 +65,6 @@ def prodigy_d_estimate(d: float, d_max: float, d0: float, numerator: float, deno
         d = max(d, d_hat)
     d_max = max(d_max, d_hat)
     return min(d_max, d * growth_rate), d_max, d_hat
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _share_of_world(p: Tensor, world: int) -> float:
@@ -114,7 +111,7 @@ class Prodigy(Optimizer):
     def _init_state(self, p: Tensor, slice_p: int, beta1: float) -> dict:
         state = self.state[p]
         if not state:
-            local = _local(p.detach())
+            local = local_tensor(p.detach())
             sliced = local.reshape(-1)[::slice_p]
             state["step"] = 0
             state["s"] = torch.zeros_like(sliced)
@@ -142,9 +139,9 @@ class Prodigy(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             slice_p, decay, dlr = group["slice_p"], group["weight_decay"], d * group["lr"] * bias_correction
             states = [self._init_state(p, slice_p, beta1) for p in params]
-            grads = [_local(p.grad) for p in params]
+            grads = [local_tensor(p.grad) for p in params]
             if decay != 0.0 and not group["decouple"]:
-                grads = torch._foreach_add(grads, [_local(p) for p in params], alpha=decay)
+                grads = torch._foreach_add(grads, [local_tensor(p) for p in params], alpha=decay)
             active.append((group, params, grads, states, dlr))
             if not params or group["lr"] == 0.0:
                 continue
@@ -158,11 +155,11 @@ class Prodigy(Optimizer):
             sliced_grads = [g.reshape(-1)[::slice_p] for g in grads]
             shares = [_share_of_world(p, world) if distributed else 1.0 for p in params]
             # <g, x0 - x> on the sliced elements, weighted (d / d0) dlr.
-            dots = torch.stack([torch.dot(g, s["p0"] - _local(p).reshape(-1)[::slice_p]) * share for g, s, p, share
+            dots = torch.stack([torch.dot(g, s["p0"] - local_tensor(p).reshape(-1)[::slice_p]) * share for g, s, p, share
                                 in zip(sliced_grads, states, params, shares)])
             numerator_terms.append((d / d0) * dlr * dots.double().sum())
-            prodigy_moments_update(grads, [_local(s["exp_avg"]) for s in states] if beta1 > 0.0 else None,
-                                   [_local(s["exp_avg_sq"]) for s in states], d=d, beta1=beta1, beta2=beta2)
+            prodigy_moments_update(grads, [local_tensor(s["exp_avg"]) for s in states] if beta1 > 0.0 else None,
+                                   [local_tensor(s["exp_avg_sq"]) for s in states], d=d, beta1=beta1, beta2=beta2)
             s_list = [s["s"] for s in states]
             torch._foreach_mul_(s_list, beta3)
             torch._foreach_add_(s_list, sliced_grads, alpha=s_scale)
@@ -186,9 +183,9 @@ class Prodigy(Optimizer):
                 continue
             for s in states:
                 s["step"] += 1
-            numerators = ([_local(s["exp_avg"]) for s in states] if beta1 > 0.0
+            numerators = ([local_tensor(s["exp_avg"]) for s in states] if beta1 > 0.0
                           else torch._foreach_mul(grads, d))
-            prodigy_apply_update([_local(p) for p in params], numerators, [_local(s["exp_avg_sq"]) for s in states],
+            prodigy_apply_update([local_tensor(p) for p in params], numerators, [local_tensor(s["exp_avg_sq"]) for s in states],
                                  dlr=dlr, d=d, epsilon=group["eps"],
                                  decoupled_weight_decay=group["weight_decay"] if group["decouple"] else 0.0)
         return loss
@@ -204,7 +201,7 @@ class Prodigy(Optimizer):
     def _tiled_statistics(params: list[Tensor], grads: list[Tensor], states: list[dict], *, d: float, beta1: float,
                           beta2: float, beta3: float, s_scale: float) -> tuple[Tensor, Tensor]:
         """The statistics pass of a step (slice_p = 1, plain CPU tensors) slice by slice, so that its four passes
-        (<g, x0 - x>, the moments, s, ||s||_1) read each slice from DRAM once (see optimizers/foreach_tiles.py).
+        (<g, x0 - x>, the moments, s, ||s||_1) read each slice from DRAM once (see optimizers/common/foreach_tiles.py).
         Returns (sum <g, x0 - x>, sum ||s||_1) in float64; the same sums as the untiled pass, accumulated per
         slice."""
         dot = torch.zeros((), dtype=torch.float64)

@@ -69,7 +69,7 @@ def _import(path: str) -> Any:
 
 _ADAMW_LIKE = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
 _DION = dict(lr=0.02, mu=0.95, betas=(0.9, 0.95), weight_decay=0.01, scalar=dict(name="lion"))
-_DION_RUNTIME = "optimizers.dion_core:runtime_kwargs"
+_DION_RUNTIME = "optimizers.dion.core:runtime_kwargs"
 _ADV = "optimizers.advanced"
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -86,14 +86,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                                            scalar=dict(name="adamw"))),
     "muon": OptimizerSpec("optimizers.muon:Muon", "Muon (Newton-Schulz orthogonalized momentum)",
                           scalar=ScalarPolicy.BUILTIN, defaults=_DION, runtime="optimizers.muon:runtime_kwargs"),
-    "dion_reference": OptimizerSpec("optimizers.dion_reference:DionReference",
+    "dion_reference": OptimizerSpec("optimizers.dion.reference:DionReference",
                                     "Dion, per-matrix reference implementation", scalar=ScalarPolicy.BUILTIN,
                                     defaults=_DION, runtime=_DION_RUNTIME, syncs_replicate_grads=True,
                                     supports_tensor_parallel=True),
-    "dion": OptimizerSpec("optimizers.dion:Dion", "Dion (low-rank orthonormalized updates), batched",
+    "dion": OptimizerSpec("optimizers.dion.batched:Dion", "Dion (low-rank orthonormalized updates), batched",
                           scalar=ScalarPolicy.BUILTIN, defaults=_DION, runtime=_DION_RUNTIME,
                           syncs_replicate_grads=True, supports_tensor_parallel=True),
-    "dion_async": OptimizerSpec("optimizers.dion_async:DionAsync", "Dion with collectives overlapped with compute",
+    "dion_async": OptimizerSpec("optimizers.dion.overlapped:DionAsync", "Dion with collectives overlapped with compute",
                                 scalar=ScalarPolicy.BUILTIN, defaults=_DION, runtime=_DION_RUNTIME,
                                 syncs_replicate_grads=True, supports_tensor_parallel=True),
     "sophia": OptimizerSpec("optimizers.sophia:Sophia", "Sophia-G (clipped Gauss-Newton-Bartlett preconditioning)",
@@ -249,7 +249,7 @@ def build_optimizer(name: str, ctx: OptimizerContext) -> torch.optim.Optimizer:
         return cls(matrix_group + ctx.scalar_param_groups(lr, scalar, algorithm_key=True), **kwargs)
     if scalar == "same":
         return cls(matrix_group + ctx.scalar_param_groups(lr, name, algorithm_key=False), **kwargs)
-    from optimizers.composite import CompositeOptimizer
+    from optimizers.common.composite import CompositeOptimizer
     matrix_optimizer = cls(matrix_group, **kwargs)
     scalar_groups = ctx.scalar_param_groups(lr, scalar, algorithm_key=False)
     if not scalar_groups:

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from optimizers.closure import closure_loss
+from optimizers.common.closure import closure_loss
 
 
 def merged_shape(shape: torch.Size, max_dim: int) -> list[int]:

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optimizers.closure import closure_loss
-from optimizers.foreach_tiles import tiled
-from optimizers.hooks import TrainingHooks
+from optimizers.common.closure import closure_loss
+from optimizers.common.foreach_tiles import tiled
+from optimizers.common.hooks import TrainingHooks
 
 
 @torch.no_grad()

@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from optimizers.dion import Dion
-from optimizers.dion_async import DionAsync
-from optimizers.dion_core import DionMixedPrecisionConfig
-from optimizers.dion_math import low_rank_dim
-from optimizers.dion_reference import DionReference
+from optimizers.dion.batched import Dion
+from optimizers.dion.core import DionMixedPrecisionConfig
+from optimizers.dion.linalg import low_rank_dim
+from optimizers.dion.overlapped import DionAsync
+from optimizers.dion.reference import DionReference
 from optimizers.muon import Muon
 
 

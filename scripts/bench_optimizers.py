@@ -49,16 +49,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import train  # noqa: E402
 from bench_dion import synchronize  # noqa: E402
-from models import GPT, PRESETS  # noqa: E402
 from optimizer_memory import state_bytes  # noqa: E402
-from optimizers.dion_math import low_rank_dim, sketch_rows  # noqa: E402
-from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer  # noqa: E402
+
+import train  # noqa: E402
 from data import DistributedTokenLoader  # noqa: E402
+from models import GPT, PRESETS  # noqa: E402
+from optimizers.dion.linalg import low_rank_dim, sketch_rows  # noqa: E402
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer  # noqa: E402
 from trainer.build import build_model, build_training_optimizer, data_files, micro_batch_size  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
 from trainer.config import build_config  # noqa: E402
+from trainer.distributed import init_distributed  # noqa: E402
 
 RANK_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 DION_NAMES = ("dion", "dion_async", "dion_reference")

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import GPT, PRESETS  # noqa: E402
 from optimizers import build_optimizer  # noqa: E402
-from optimizers.advanced import (Adam_Adv, Adopt_Adv, Features, Lion_Adv, Prodigy_Adv,  # noqa: E402
-                                 Prodigy_Lion_Adv, Simplified_AdEMAMix)
+from optimizers.advanced import (Adam_Adv, Adopt_Adv, Features, Lion_Adv, Prodigy_Adv, Prodigy_Lion_Adv,  # noqa: E402
+                                 Simplified_AdEMAMix)
 from optimizers.registry import OPTIMIZERS, OptimizerContext  # noqa: E402
 
 ADVANCED = {"adam_adv": Adam_Adv, "adopt_adv": Adopt_Adv, "prodigy_adv": Prodigy_Adv,

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 
 def apply_tensor_parallel(model, tp_mesh) -> None:
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
     tp = tp_mesh.size()
     if model.config.n_head % tp != 0:
         raise ValueError(f"parallel.tp_size: {tp} does not divide model.n_head={model.config.n_head}")

@@ -37,9 +37,7 @@ class Adam_Adv(AdvancedOptimizer):
         check_common_options(name, lr, betas, weight_decay)
         check_option(name, "eps", eps, eps >= 0.0, ">= 0")
         check_ademamix_options(name, betas[0], alpha, beta3_ema, ademamix_warmup_steps)
-        features = Features(factored=factored, use_AdEMAMix=use_AdEMAMix, orthogonal_gradient=orthogonal_gradient,
-                            cautious_mask=cautious_mask, grams=grams, use_atan2=use_atan2,
-                            stochastic_rounding=stochastic_rounding)
+        features = Features.pick(locals())
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=alpha,
                         beta3_ema=beta3_ema, ademamix_warmup_steps=ademamix_warmup_steps)
         super().__init__(params, defaults, features)
@@ -145,9 +143,7 @@ class Simplified_AdEMAMix(AdvancedOptimizer):
         check_option(name, "beta1_warmup_steps", beta1_warmup_steps,
                      isinstance(beta1_warmup_steps, int) and beta1_warmup_steps >= 0, "an integer >= 0")
         check_option(name, "min_beta1", min_beta1, 0.0 < min_beta1 < 1.0, "in (0, 1)")
-        features = Features(factored=factored, use_AdEMAMix=use_AdEMAMix, orthogonal_gradient=orthogonal_gradient,
-                            cautious_mask=cautious_mask, grams=grams, use_atan2=use_atan2,
-                            stochastic_rounding=stochastic_rounding)
+        features = Features.pick(locals())
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, alpha=alpha,
                         beta1_warmup_steps=beta1_warmup_steps, min_beta1=min_beta1)
         super().__init__(params, defaults, features)

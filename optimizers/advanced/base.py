@@ -20,7 +20,7 @@ Cache tiling: a member whose `_direction` is element-wise (ELEMENTWISE_DIRECTION
 Simplified_AdEMAMix, Lion_Adv) runs it, with the update, on one ~1 MiB slice of the parameter, its gradient and its
 states at a time when the parameter is a plain contiguous float32 CPU tensor with dense float32 states and no
 feature reduces over the tensor (factored, orthogonal_gradient, cautious_mask): the several passes and temporaries
-of a step then stay in cache (see optimizers/foreach_tiles.py) and the arithmetic per element is unchanged.
+of a step then stay in cache (see optimizers/common/foreach_tiles.py) and the arithmetic per element is unchanged.
 """
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optimizers import foreach_tiles
 from optimizers.advanced.factored import Moment
 from optimizers.advanced.features import Features
 from optimizers.advanced.sharding import ShardReducer, local_tensor, shard_groups
-from optimizers.advanced.transforms import (ademamix_alpha, ademamix_beta3, cautious_mask_, copy_stochastic_,
-                                            grams_, orthogonalize_gradient)
-from optimizers.closure import closure_loss
-from optimizers.hooks import TrainingHooks
+from optimizers.advanced.transforms import (ademamix_alpha, ademamix_beta3, cautious_mask_, copy_stochastic_, grams_,
+                                            orthogonalize_gradient)
+from optimizers.common import foreach_tiles
+from optimizers.common.closure import closure_loss
+from optimizers.common.hooks import TrainingHooks
 
 UpdateResult = tuple[Tensor, float, float] | None
 

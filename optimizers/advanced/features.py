@@ -27,6 +27,12 @@ class Features:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
+    @classmethod
+    def pick(cls, arguments: dict) -> Features:
+        """The feature switches among a constructor's arguments (pass `locals()`): the family's constructors take
+        the seven switches as keyword-only arguments, so each is also a typed config option of the optimizer."""
+        return cls(**{name: arguments[name] for name in cls.names()})
+
     def enabled(self) -> tuple[str, ...]:
         return tuple(name for name in self.names() if getattr(self, name))
 

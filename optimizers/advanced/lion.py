@@ -25,9 +25,7 @@ class Lion_Adv(AdvancedOptimizer):
                  cautious_mask: bool = False, grams: bool = False, use_atan2: bool = False,
                  stochastic_rounding: bool = False):
         check_common_options(type(self).__name__, lr, betas, weight_decay)
-        features = Features(factored=factored, use_AdEMAMix=use_AdEMAMix, orthogonal_gradient=orthogonal_gradient,
-                            cautious_mask=cautious_mask, grams=grams, use_atan2=use_atan2,
-                            stochastic_rounding=stochastic_rounding)
+        features = Features.pick(locals())
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay), features)
         self._momentum = Moment("exp_avg", signed=True, factored=factored)
 

@@ -140,9 +140,7 @@ class Prodigy_Adv(DAdaptation):
         check_option(name, "eps", eps, eps >= 0.0, ">= 0")
         check_prodigy_options(name, d0, d_coef, growth_rate, beta3, slice_p)
         check_ademamix_options(name, betas[0], alpha, beta3_ema, ademamix_warmup_steps)
-        features = Features(factored=factored, use_AdEMAMix=use_AdEMAMix, orthogonal_gradient=orthogonal_gradient,
-                            cautious_mask=cautious_mask, grams=grams, use_atan2=use_atan2,
-                            stochastic_rounding=stochastic_rounding)
+        features = Features.pick(locals())
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, beta3=beta3, d=d0, d0=d0,
                         d_max=d0, d_numerator=0.0, d_coef=d_coef, growth_rate=growth_rate, k=0,
                         safeguard_warmup=safeguard_warmup, use_bias_correction=use_bias_correction, slice_p=slice_p,
@@ -195,9 +193,7 @@ class Prodigy_Lion_Adv(DAdaptation):
         name = type(self).__name__
         check_common_options(name, lr, betas, weight_decay)
         check_prodigy_options(name, d0, d_coef, growth_rate, beta3, slice_p)
-        features = Features(factored=factored, use_AdEMAMix=use_AdEMAMix, orthogonal_gradient=orthogonal_gradient,
-                            cautious_mask=cautious_mask, grams=grams, use_atan2=use_atan2,
-                            stochastic_rounding=stochastic_rounding)
+        features = Features.pick(locals())
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, beta3=beta3, d=d0, d0=d0, d_max=d0,
                         d_numerator=0.0, d_coef=d_coef, growth_rate=growth_rate, k=0,
                         safeguard_warmup=safeguard_warmup, use_bias_correction=False, slice_p=slice_p)

@@ -17,10 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-
-def local_tensor(tensor: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+from optimizers.common.tensors import local_tensor
 
 
 def shard_groups(param: Tensor) -> tuple:

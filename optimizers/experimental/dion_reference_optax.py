@@ -1,5 +1,5 @@
 """Dion (Ahn et al. 2025, "Dion: Distributed Orthonormalized Updates", arXiv 2504.05295) as an optax
-GradientTransformation: the slow, obviously-correct JAX twin of `optimizers.dion_reference.DionReference`.
+GradientTransformation: the slow, obviously-correct JAX twin of `optimizers.dion.reference.DionReference`.
 
 Every matrix is updated on its own, in a Python loop over the leaves, with the same arithmetic order as the PyTorch
 reference. `optimizers.experimental.dion_optax` is the optimized version (batched, mixed precision, sharded) and is

@@ -8,16 +8,15 @@ distribution of the root-inverse work (`distributed.py`).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
-from optimizers.closure import closure_loss
+from optimizers.common.closure import closure_loss
 from optimizers.shampoo.blocking import BlockPlan, plan_blocks
-from optimizers.shampoo.config import (GraftingType, LargeDimMethod, Precision, RootInverseMethod, ShampooConfig)
+from optimizers.shampoo.config import GraftingType, LargeDimMethod, Precision, RootInverseMethod, ShampooConfig
 from optimizers.shampoo.distributed import compute_shared
 from optimizers.shampoo.matrix_functions import matrix_inverse_root
 from optimizers.shampoo.updates import (apply_kronecker_preconditioner, diagonal_inverse_root, graft,

@@ -27,9 +27,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from optimizers.dion import Dion
-from optimizers.dion_async import DionAsync
-from optimizers.dion_reference import DionReference
+from optimizers.dion.batched import Dion
+from optimizers.dion.overlapped import DionAsync
+from optimizers.dion.reference import DionReference
 
 CLASSES = (DionReference, Dion, DionAsync)
 STEPS = 3

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from optimizers.dion import Dion
-from optimizers.dion_async import DionAsync
-from optimizers.dion_core import DionMixedPrecisionConfig, QRMethod, orthonormalize
-from optimizers.dion_distributed import matrix_layout, run_blocking
-from optimizers.dion_math import low_rank_dim
-from optimizers.dion_reference import DionReference
+from optimizers.dion.batched import Dion
+from optimizers.dion.core import DionMixedPrecisionConfig, QRMethod, orthonormalize
+from optimizers.dion.distributed import matrix_layout, run_blocking
+from optimizers.dion.linalg import low_rank_dim
+from optimizers.dion.overlapped import DionAsync
+from optimizers.dion.reference import DionReference
 from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer
 
 CLASSES = [DionReference, Dion, DionAsync]

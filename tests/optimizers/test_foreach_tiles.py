@@ -1,14 +1,14 @@
-"""Cache tiling of element-wise foreach updates (optimizers/foreach_tiles.py): the tiles cover every element once,
+"""Cache tiling of element-wise foreach updates (optimizers/common/foreach_tiles.py): the tiles cover every element once,
 tiling is refused where it is invalid, and every tiled update function computes what it computes untiled."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from optimizers import foreach_tiles
-from optimizers.foreach_tiles import cache_tiles, tileable
+from optimizers.common import foreach_tiles
+from optimizers.common.foreach_tiles import cache_tiles, tileable
+from optimizers.common.scalar_updates import adamw_update, lion_update
 from optimizers.prodigy import prodigy_apply_update, prodigy_moments_update
-from optimizers.scalar_updates import adamw_update, lion_update
 from optimizers.schedule_free import schedule_free_adamw_update
 from optimizers.sophia import gnb_hessian_update, sophia_update
 

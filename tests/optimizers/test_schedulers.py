@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optimizers.adamw import AdamW
-from optimizers.composite import CompositeOptimizer
+from optimizers.common.composite import CompositeOptimizer
 from optimizers.lion import Lion
 from optimizers.schedulers import DecayShape, WSDScheduler, wsd_multiplier
 
@@ -94,7 +94,9 @@ def test_rejects_bad_options():
 
 def test_scheduler_state_survives_a_json_round_trip():
     import json
+
     import torch
+
     from optimizers.schedulers import WSDScheduler
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_optimizers  # noqa: E402
 import compare_optimizers  # noqa: E402
 import plot_curves  # noqa: E402
+
 from models import PRESETS, GPTConfig  # noqa: E402
 from trainer.config import build_config  # noqa: E402
 

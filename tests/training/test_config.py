@@ -85,8 +85,8 @@ def test_bad_config_raises_one_line_naming_the_key(argv, words):
     with pytest.raises(ConfigError) as error:
         config = build_config(argv)
         from trainer.build import build_training_optimizer  # option values are checked by the optimizer itself
-        from trainer.distributed import Distributed
         from trainer.build import build_model
+        from trainer.distributed import Distributed
         model = build_model(config)
         build_training_optimizer(model, config, Distributed(0, 1, 0, model.embed.weight.device, 1, 1, 1))
     message = str(error.value)

@@ -10,8 +10,7 @@ from torch import nn
 
 from models import GPT, GPTConfig
 from optimizers import CompositeOptimizer, build_optimizer
-from optimizers.advanced import (Adam_Adv, Adopt_Adv, Lion_Adv, Prodigy_Adv, Prodigy_Lion_Adv,
-                                 Simplified_AdEMAMix)
+from optimizers.advanced import Adam_Adv, Adopt_Adv, Lion_Adv, Prodigy_Adv, Prodigy_Lion_Adv, Simplified_AdEMAMix
 from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy
 
 # Every feature a class accepts, except stochastic rounding (it draws random numbers in hook order, and the test

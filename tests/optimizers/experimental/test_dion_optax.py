@@ -241,11 +241,11 @@ def test_jitted_update_compiles_once_over_five_steps(implementation_name):
 @pytest.mark.parametrize("implementation_name", IMPLEMENTATION_IDS)
 @pytest.mark.parametrize("qr_method", COMPARED)
 def test_matches_pytorch_dion_reference(implementation_name, qr_method):
-    # optimizers.dion_reference.DionReference on the same inputs, initial Q (put into its state before the first
+    # optimizers.dion.reference.DionReference on the same inputs, initial Q (put into its state before the first
     # step), schedule (set in the groups each step) and scalar algorithms. float32: 1e-5 on parameters of size ~1
     # (observed ~1e-6); Q and momentum 1e-4 (every method returns the positive-diagonal basis, so they match too).
     torch = pytest.importorskip("torch")
-    dion_reference = pytest.importorskip("optimizers.dion_reference",
+    dion_reference = pytest.importorskip("optimizers.dion.reference",
                                          reason="the PyTorch Dion reference is not in this checkout")
     initial_state, jax_params, jax_state = comparison_run(implementation_name, qr_method)
     params, grads = comparison_problem()

@@ -11,8 +11,8 @@ from collections import defaultdict
 import torch
 from torch.optim import Optimizer
 
-from optimizers.closure import closure_loss
-from optimizers.hooks import TrainingHooks, training_hooks
+from optimizers.common.closure import closure_loss
+from optimizers.common.hooks import TrainingHooks, training_hooks
 
 
 class CompositeOptimizer(Optimizer, TrainingHooks):

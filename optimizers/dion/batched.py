@@ -10,9 +10,9 @@ batched call (torch.bmm / baddbmm) and every collective moves a whole stack:
     M <- B - (1 - mu) P R^T            one baddbmm, in place
     X <- X (1 - lr wd) - lr sqrt(m/n) P Q^T
 
-The communication pattern of each sharding case is the one of optimizers/dion_distributed.py: no rank ever gathers a
-sharded matrix, only the low-rank P, R and r x r Gram matrices travel. `optimizers.dion_reference.DionReference` is
-the one-matrix-at-a-time twin; `optimizers.dion_async.DionAsync` divides the orthonormalization among ranks and
+The communication pattern of each sharding case is the one of optimizers/dion/distributed.py: no rank ever gathers a
+sharded matrix, only the low-rank P, R and r x r Gram matrices travel. `optimizers.dion.reference.DionReference` is
+the one-matrix-at-a-time twin; `optimizers.dion.overlapped.DionAsync` divides the orthonormalization among ranks and
 overlaps batches.
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from optimizers.dion_core import DionBase, MatrixTask, orthonormalize
-from optimizers.dion_distributed import (Collectives, all_gather_batch, all_reduce, all_reduce_mean, group_size,
+from optimizers.dion.core import DionBase, MatrixTask, orthonormalize
+from optimizers.dion.distributed import (Collectives, all_gather_batch, all_reduce, all_reduce_mean, group_size,
                                          reduce_scatter_batch, run_blocking)
-from optimizers.dion_math import column_normalize, column_sq_norms, update_scale
+from optimizers.dion.linalg import column_normalize, column_sq_norms, update_scale
 
 
 class Dion(DionBase):
     """Dion (arXiv 2504.05295, Algorithm 1) on same-shape batches, synchronous. Constructor, options and state:
-    see `optimizers.dion_core.DionBase`."""
+    see `optimizers.dion.core.DionBase`."""
 
     # Matrices per batch: large enough to fill the device with one bmm, small enough to bound the (b, m, n) buffer.
     batch_size = 16

@@ -63,11 +63,6 @@ def group_size(group: ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def local_tensor(tensor: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def _chunk(size: int, parts: int, index: int) -> tuple[int, int]:
     """(offset, length) of chunk `index` of `size` elements split like torch.chunk (DTensor's Shard)."""
     chunk = -(-size // parts)

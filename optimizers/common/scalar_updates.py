@@ -3,7 +3,7 @@
 AdamW and Lion are used on their own (`optimizers.adamw.AdamW`, `optimizers.lion.Lion`) and as the "scalar"
 algorithm for embeddings, norm gains and the LM head inside matrix optimizers (Dion, Muon, ...). Each function
 updates its tensors in place and takes python scalars for hyper-parameters, so one call can serve a whole list of
-parameters (the foreach path); on CPU the lists run tile by tile (`optimizers.foreach_tiles`). State tensors may be stored in a lower precision than the parameters (mixed
+parameters (the foreach path); on CPU the lists run tile by tile (`optimizers.common.foreach_tiles`). State tensors may be stored in a lower precision than the parameters (mixed
 precision states); the arithmetic then runs in float32 and is written back.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from optimizers.foreach_tiles import tiled
+from optimizers.common.foreach_tiles import tiled
 
 
 def _same_dtype(*lists: list[Tensor]) -> bool:

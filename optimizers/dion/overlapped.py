@@ -9,14 +9,13 @@ arXiv 2504.05295, Algorithm 1 at scale:
   each rank orthonormalizes its share of the stack, and an all-gather returns the results: the same traffic as the
   all-reduce, and 1/world of the QR work per rank.
 - Overlap: several batches are in flight at once (`max_batches_in_flight`); every collective is asynchronous, and while
-  one batch waits for its P or R another one computes (`optimizers.dion_distributed.run_overlapped`).
+  one batch waits for its P or R another one computes (`optimizers.dion.distributed.run_overlapped`).
 """
 from __future__ import annotations
 
-
-from optimizers.dion import Dion
-from optimizers.dion_core import MatrixTask
-from optimizers.dion_distributed import run_overlapped
+from optimizers.dion.batched import Dion
+from optimizers.dion.core import MatrixTask
+from optimizers.dion.distributed import run_overlapped
 
 
 class DionAsync(Dion):

@@ -1,12 +1,12 @@
 """What the three Dion optimizers share: options, state, scalar algorithms, orthonormalization, the registry builder.
 
-`DionReference` (optimizers/dion_reference.py), `Dion` (optimizers/dion.py) and `DionAsync`
-(optimizers/dion_async.py) differ only in how they run the matrix update of Algorithm 1 (one matrix at a time, in
+`DionReference` (optimizers/dion/reference.py), `Dion` (optimizers/dion/batched.py) and `DionAsync`
+(optimizers/dion/overlapped.py) differ only in how they run the matrix update of Algorithm 1 (one matrix at a time, in
 same-shape batches, or in batches whose communication overlaps); everything else lives here once:
 - the constructor (one signature for all three) and the per-group options, validated with clear errors;
 - the optimizer state: `momentum` (X's shape and sharding) and `Q` (n x r, or m x r when Dion works on X^T; rows
   sharded like the matching dimension of X), created on the first step unless a caller put them in `state` already;
-- the scalar algorithms (AdamW / Lion from `optimizers.scalar_updates`) for groups with `algorithm` "adamw"/"lion",
+- the scalar algorithms (AdamW / Lion from `optimizers.common.scalar_updates`) for groups with `algorithm` "adamw"/"lion",
   including their data-parallel gradient average when the optimizer owns the replica sync;
 - `orthonormalize`, the distributed QR step used by all three.
 
@@ -28,16 +28,16 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from optimizers.closure import closure_loss
-from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
-                                         as_like, group_size, local_tensor, matrix_layout, process_group, q_placements,
-                                         run_blocking)
-from optimizers.dion_math import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize,
-                                  initial_q, low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
-                                  solve_right_upper)
-from optimizers.hooks import TrainingHooks
-from optimizers.options import parse_choice
-from optimizers.scalar_updates import adamw_update, lion_update
+from optimizers.common.choices import parse_choice
+from optimizers.common.closure import closure_loss
+from optimizers.common.hooks import TrainingHooks
+from optimizers.common.scalar_updates import adamw_update, lion_update
+from optimizers.common.tensors import local_tensor
+from optimizers.dion.distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
+                                         as_like, group_size, matrix_layout, process_group, q_placements, run_blocking)
+from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize,
+                                    initial_q, low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
+                                    solve_right_upper)
 
 
 class Algorithm(str, Enum):
@@ -47,7 +47,7 @@ class Algorithm(str, Enum):
 
 
 class QRMethod(str, Enum):
-    """How P is orthonormalized (see optimizers/dion_math.py). The Cholesky-based methods fall back when the factor
+    """How P is orthonormalized (see optimizers/dion/linalg.py). The Cholesky-based methods fall back when the factor
     fails or is ill-conditioned: "cqr" to "rcqr", "rcqr" to "qr"."""
     QR = "qr"
     CQR = "cqr"

@@ -11,7 +11,7 @@ For a matrix X (m x n, m >= n; Dion works on X^T when m < n), momentum M, gradie
     X <- X (1 - lr wd) - lr sqrt(m/n) P Q^T
 
 power_iters > 1 repeats P = orth(B Q), Q = R before the last three lines. Sharded and replicated matrices follow the
-pattern of optimizers/dion_distributed.py; `optimizers.dion.Dion` and `optimizers.dion_async.DionAsync` are the fast
+pattern of optimizers/dion/distributed.py; `optimizers.dion.Dion` and `optimizers.dion.overlapped.DionAsync` are the fast
 twins, tested against this class step by step.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch.distributed import ProcessGroup
 
-from optimizers.dion_core import DionBase, MatrixTask, orthonormalize
-from optimizers.dion_distributed import Collectives, all_reduce, all_reduce_mean, run_blocking
-from optimizers.dion_math import column_normalize, column_sq_norms, update_scale
+from optimizers.dion.core import DionBase, MatrixTask, orthonormalize
+from optimizers.dion.distributed import Collectives, all_reduce, all_reduce_mean, run_blocking
+from optimizers.dion.linalg import column_normalize, column_sq_norms, update_scale
 
 
 def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None, power_iters: int,
@@ -67,7 +67,7 @@ def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None
 
 class DionReference(DionBase):
     """Dion (arXiv 2504.05295, Algorithm 1), unbatched: every matrix runs `dion_reference_update` on its own. Same
-    constructor, options, state and distributed support as `Dion`; see `optimizers.dion_core.DionBase`."""
+    constructor, options, state and distributed support as `Dion`; see `optimizers.dion.core.DionBase`."""
 
     def _update_matrices(self, tasks: list[MatrixTask]) -> None:
         for task in tasks:
