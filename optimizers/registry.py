@@ -49,7 +49,7 @@ class OptimizerSpec:
     and for `scalar` (name, lr). runtime: "module:function" taking the OptimizerContext and returning the trainer-only
     keywords. syncs_replicate_grads: the optimizer all-reduces data-parallel gradients itself (the trainer then
     leaves the replicate axis out of DDP/FSDP). supports_tensor_parallel: accepts TP-sharded parameters.
-    description: one line for --help and the README."""
+    supports_sharding: accepts FSDP2-sharded (DTensor) parameters. description: one line for --help and the README."""
     optimizer: str
     description: str
     scalar: ScalarPolicy = ScalarPolicy.SAME
@@ -57,6 +57,7 @@ class OptimizerSpec:
     runtime: str | None = None
     syncs_replicate_grads: bool = False
     supports_tensor_parallel: bool = False
+    supports_sharding: bool = True
 
     def load(self) -> type[torch.optim.Optimizer]:
         return _import(self.optimizer)
@@ -106,7 +107,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                                            use_bias_correction=True, safeguard_warmup=True)),
     "soap": OptimizerSpec("optimizers.soap:SOAP", "SOAP (Adam in Shampoo's eigenbasis)", scalar=ScalarPolicy.SEPARATE,
                           defaults=dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10,
-                                        scalar=dict(name="adamw"))),
+                                        scalar=dict(name="adamw")), supports_sharding=False),
     "adam_adv": OptimizerSpec(f"{_ADV}:Adam_Adv", "Adam with the advanced family's features",
                               defaults=_ADAMW_LIKE, supports_tensor_parallel=True),
     "adopt_adv": OptimizerSpec(f"{_ADV}:Adopt_Adv", "ADOPT with the advanced family's features",

@@ -33,6 +33,9 @@ def check_layout(config: TrainConfig, env: Distributed) -> None:
     if env.tp > 1 and not get_spec(name).supports_tensor_parallel:
         raise LayoutError(f"parallel.tp_size: optimizer {name!r} does not support tensor parallelism; use tp_size 1 "
                           f"or one of the optimizers marked TP in the README")
+    if env.fs > 1 and not get_spec(name).supports_sharding:
+        raise LayoutError(f"parallel.fs_size: optimizer {name!r} does not support FSDP-sharded parameters; use "
+                          f"fs_size 1 (DDP replicas) or another optimizer")
     if config.grad_clip > 0 and optimizer_syncs_replicas(config, env):
         raise LayoutError("grad_clip: not available while the optimizer syncs replicas itself "
                           "(parallel.replicate_mesh_grad_sync true with dp_size > 1); set it false")

@@ -155,3 +155,18 @@ def test_help_shows_effective_defaults_meanings_and_optimizers():
     assert "# transformer blocks" in out and "replicate_mesh_grad_sync" in out
     for name in ("dion", "adamw", "sophia", "prodigy"):
         assert f"\n  {name} " in out
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--optimizer", "soap", "--fs_size", "2"], "parallel.fs_size"),  # a layout the optimizer refuses
+    (["--optimizer", "adamw", "--optimizer.bogus", "1"], "bogus"),
+])
+def test_torchrun_user_error_prints_one_line_once_and_every_rank_exits_2(args, key, tmp_path):
+    from tests.training.helpers import TINY, torchrun
+    result = torchrun(2, *TINY, "--run_dir", str(tmp_path / "run"), *args)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and key in errors[0], result.stderr[-3000:]
+    # No traceback of ours (torchrun adds its own failure report below the line), and every rank exited with 2.
+    assert "train.py\", line" not in result.stderr and "trainer/" not in result.stderr
+    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]
