@@ -14,8 +14,8 @@ Command line: `--section.key value` (values are YAML scalars: `--compile true`, 
 
 Switching optimizers: when the command line names another optimizer than the config file, the file's optimizer
 section is left out and the new optimizer starts from its own training defaults (registry `defaults`), so
-`--optimizer prodigy` never inherits Dion's learning rate. Likewise `--model.preset NAME` on the command line
-replaces the file's model fields with the preset's (further `--model.KEY` overrides apply on top). The resolved config (every default spelled out) is
+`--optimizer prodigy` never inherits Dion's learning rate. Likewise `--model.name` (another model) and
+`--model.preset NAME` on the command line replace the file's model fields (further `--model.KEY` overrides apply). The resolved config (every default spelled out) is
 written to run_dir/config.yaml.
 
 Any problem raises ConfigError with one line naming the key and what is allowed; main prints it and exits with 2.
@@ -498,11 +498,11 @@ def build_config(argv: list[str]) -> TrainConfig:
     cli_optimizer = _optimizer_name(overrides.get("optimizer"))
     if cli_optimizer is not None and cli_optimizer != file_optimizer:
         tree = {**tree, "optimizer": {"name": cli_optimizer}}  # the new optimizer starts from its own defaults
-    cli_model = overrides.get("model")
-    if isinstance(cli_model, dict) and "preset" in cli_model:  # a preset named on the command line is the model
-        file_model = tree.get("model")
-        tree = {**tree, "model": {"name": file_model["name"]} if isinstance(file_model, dict) and "name" in
-                file_model else {}}
+    cli_model, file_model = overrides.get("model") or {}, tree.get("model") or {}
+    if "name" in cli_model and cli_model["name"] != file_model.get("name", "gpt"):
+        tree = {**tree, "model": {}}  # another model: the file's fields belong to the old one
+    elif "preset" in cli_model:  # a preset named on the command line is the model
+        tree = {**tree, "model": {"name": file_model["name"]} if "name" in file_model else {}}
     return config_from_tree(_merge(tree, overrides))
 
 
