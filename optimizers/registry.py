@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimizers.common.scalar_updates import SCALAR_ALGORITHMS
+
 
 class ScalarPolicy(str, Enum):
     BUILTIN = "builtin"      # param groups with `algorithm` = "lion" / "adamw" inside the optimizer itself
@@ -36,7 +38,6 @@ class ScalarPolicy(str, Enum):
     SEPARATE = "separate"    # by default a stand-alone Lion/AdamW takes the non-matrix parameters
 
 
-SCALAR_ALGORITHMS = ("lion", "adamw")
 # Keywords supplied by the trainer (from the device mesh, the batch, the precision policy), never user options.
 TRAINER_KEYWORDS = frozenset({"params", "replicate_mesh", "outer_shard_mesh", "inner_shard_mesh",
                               "replicate_mesh_grad_sync", "distributed_mesh", "mixed_precision_config",

@@ -139,7 +139,8 @@ class ScalarConfig:
                                  "lr / sqrt(model_dim))")
 
     def __post_init__(self):
-        allowed = ("lion", "adamw", "same")
+        from optimizers.common.scalar_updates import SCALAR_ALGORITHMS
+        allowed = (*SCALAR_ALGORITHMS, "same")
         _require(self.name is None or self.name in allowed,
                  f"optimizer.scalar.name: {self.name!r} is not one of {', '.join(allowed)}")
         _require(self.lr is None or math.isfinite(self.lr) and self.lr > 0,

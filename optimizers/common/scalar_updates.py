@@ -16,6 +16,10 @@ from torch import Tensor
 from optimizers.common.foreach_tiles import tiled
 
 
+# The element-wise algorithms that matrix optimizers (Dion, Muon, ...) run on their scalar param groups.
+SCALAR_ALGORITHMS = ("lion", "adamw")
+
+
 def _same_dtype(*lists: list[Tensor]) -> bool:
     dtype = lists[0][0].dtype
     return all(t.dtype == dtype for tensors in lists for t in tensors)

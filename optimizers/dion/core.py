@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from optimizers.common.choices import parse_choice
+from optimizers.common.choices import group_algorithm, parse_choice
 from optimizers.common.closure import closure_loss
 from optimizers.common.hooks import TrainingHooks
 from optimizers.common.scalar_updates import adamw_update, lion_update
@@ -40,11 +40,7 @@ from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sket
                                     solve_right_upper)
 
 
-class Algorithm(str, Enum):
-    DION = "dion"
-    LION = "lion"
-    ADAMW = "adamw"
-
+DION = "dion"  # the param-group algorithm of the matrices
 
 class QRMethod(str, Enum):
     """How P is orthonormalized (see optimizers/dion/linalg.py). The Cholesky-based methods fall back when the factor
@@ -223,7 +219,7 @@ class DionBase(Optimizer, TrainingHooks, abc.ABC):
         self._layouts: dict[Tensor, MatrixLayout] = {}
         self._checked_state: set[Tensor] = set()
         defaults = dict(lr=lr, mu=mu, betas=tuple(betas), weight_decay=weight_decay, epsilon=epsilon,
-                        rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, algorithm=Algorithm.DION.value,
+                        rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, algorithm=DION,
                         step=0)
         super().__init__(params, defaults)
 
@@ -231,10 +227,10 @@ class DionBase(Optimizer, TrainingHooks, abc.ABC):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
-        group["algorithm"] = parse_choice(Algorithm, "dion", "algorithm", group["algorithm"]).value
+        group["algorithm"] = group_algorithm(type(self).__name__, DION, group["algorithm"])
         _check_group_options(group)
         for p in group["params"]:
-            if group["algorithm"] == Algorithm.DION.value and p.dim() != 2:
+            if group["algorithm"] == DION and p.dim() != 2:
                 raise ValueError(f"dion: a parameter of shape {tuple(p.shape)} is in an algorithm='dion' group, which "
                                  f"takes 2D matrices only; put it in a group with algorithm 'lion' or 'adamw'")
             self._index[p] = len(self._index)
@@ -249,7 +245,7 @@ class DionBase(Optimizer, TrainingHooks, abc.ABC):
             if not params:
                 continue
             group["step"] += 1
-            if group["algorithm"] == Algorithm.DION.value:
+            if group["algorithm"] == DION:
                 matrix_tasks.extend(self._matrix_task(p, group) for p in params)
             else:
                 scalar_groups.append((group, params))
@@ -351,7 +347,7 @@ class DionBase(Optimizer, TrainingHooks, abc.ABC):
         return finish
 
     def _scalar_update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        adamw = group["algorithm"] == Algorithm.ADAMW.value
+        adamw = group["algorithm"] == "adamw"
         for p in params:
             state = self.state[p]
             if "momentum" not in state:
@@ -376,7 +372,7 @@ class DionBase(Optimizer, TrainingHooks, abc.ABC):
         momentum of synchronized training), so that every replica saves, and continues from, the same state."""
         tensors = []
         for group in self.param_groups:
-            if group["algorithm"] != Algorithm.DION.value:
+            if group["algorithm"] != DION:
                 continue
             for p in group["params"]:
                 state = self.state.get(p)
