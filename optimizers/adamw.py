@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from optimizers.common.closure import closure_loss
+from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.common.scalar_updates import adamw_update
 
 
@@ -24,7 +25,7 @@ def _fused_kernel_applies(*lists: list[Tensor]) -> bool:
             and all(_is_plain(t) and t.dtype == first.dtype and t.device == first.device for t in tensors))
 
 
-class AdamW(Optimizer):
+class AdamW(CheckedParamGroups, Optimizer):
     """Decoupled-weight-decay Adam. State per parameter: `step` (float32 scalar tensor, as torch keeps it),
     `exp_avg`, `exp_avg_sq` (same shape and dtype as the parameter), so state dicts are interchangeable with
     torch.optim.AdamW's.

@@ -6,10 +6,11 @@ import torch
 from torch.optim import Optimizer
 
 from optimizers.common.closure import closure_loss
+from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.common.scalar_updates import lion_update
 
 
-class Lion(Optimizer):
+class Lion(CheckedParamGroups, Optimizer):
     """Sign-of-interpolated-momentum update. State per parameter: `exp_avg` (same shape and dtype)."""
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),

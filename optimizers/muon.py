@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.optim import Optimizer
 
 from optimizers.common.closure import closure_loss
+from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.common.choices import parse_choice
 from optimizers.common.scalar_updates import adamw_update, lion_update
 from optimizers.common.tensors import local_tensor
@@ -283,7 +284,7 @@ class _Orthogonalizer:
         return mine, finish
 
 
-class Muon(Optimizer):
+class Muon(CheckedParamGroups, Optimizer):
     """Muon for 2D matrices with built-in Lion/AdamW for the other groups.
 
     Param-group keys: lr, mu (momentum), betas and epsilon (scalar algorithms), weight_decay, nesterov, adjust_lr,

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from optimizers.common import foreach_tiles
 from optimizers.common.closure import closure_loss
 from optimizers.common.foreach_tiles import tiled
+from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.common.tensors import local_tensor
 
 
@@ -76,7 +77,7 @@ def _share_of_world(p: Tensor, world: int) -> float:
     return shards / world
 
 
-class Prodigy(Optimizer):
+class Prodigy(CheckedParamGroups, Optimizer):
     """Prodigy. State per parameter: "step", "s" and "p0" (flattened, every slice_p-th element; p0 is a scalar 0
     when the initial parameter is all zeros), "exp_avg" (if beta1 > 0) and "exp_avg_sq". Group keys (identical in
     every group): d, d_max, d_hat, d_numerator, d_denom, k (steps), so the estimate survives a state_dict round trip.

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from optimizers.common.closure import closure_loss
 from optimizers.common.foreach_tiles import tiled
 from optimizers.common.hooks import TrainingHooks
+from optimizers.common.param_groups import CheckedParamGroups
 
 
 @torch.no_grad()
@@ -60,7 +61,7 @@ def averaging_weight(group: dict, lr: float) -> float:
     return weight / group["weight_sum"] if group["weight_sum"] > 0.0 else 0.0
 
 
-class ScheduleFreeAdamW(Optimizer, TrainingHooks):
+class ScheduleFreeAdamW(CheckedParamGroups, Optimizer, TrainingHooks):
     """Schedule-Free AdamW, equal to `schedulefree.AdamWScheduleFree`. State per parameter: "z" and "exp_avg_sq".
     Group keys: step, train_mode, lr_max, weight_sum (all saved in the state dict).
 

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from optimizers.common.closure import closure_loss
+from optimizers.common.param_groups import CheckedParamGroups
 
 
 def merged_shape(shape: torch.Size, max_dim: int) -> list[int]:
@@ -101,7 +102,7 @@ def refresh_bases(factors: list[Tensor | None], bases: list[Tensor | None],
     return new_bases, exp_avg_sq
 
 
-class SOAP(Optimizer):
+class SOAP(CheckedParamGroups, Optimizer):
     """SOAP. Group key "step" (the first step only initializes the preconditioner). State per parameter:
     "exp_avg" (parameter shape), "exp_avg_sq" (parameter shape, rotated coordinates), "factors" and "bases" (one
     float32 matrix or None per (merged) dimension).

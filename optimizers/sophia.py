@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from optimizers.common.closure import closure_loss
 from optimizers.common.foreach_tiles import tiled
 from optimizers.common.hooks import TrainingHooks
+from optimizers.common.param_groups import CheckedParamGroups
 
 
 @torch.no_grad()
@@ -64,7 +65,7 @@ def gnb_hessian_update(hessians: list[Tensor], sampled_grads: list[Tensor], *, b
     torch._foreach_addcmul_(hessians, sampled_grads, sampled_grads, value=1.0 - beta2)
 
 
-class Sophia(Optimizer, TrainingHooks):
+class Sophia(CheckedParamGroups, Optimizer, TrainingHooks):
     """Sophia-G. State per parameter: "exp_avg" and "hessian" (shape and dtype of the parameter). Group keys "step"
     (steps taken) and "hessian_step" (the step of the last Hessian refresh) drive `hessian_update_due()` and
     survive state_dict round trips.

@@ -38,6 +38,7 @@ from optimizers.advanced.transforms import (ademamix_alpha, ademamix_beta3, caut
 from optimizers.common import foreach_tiles
 from optimizers.common.closure import closure_loss
 from optimizers.common.hooks import TrainingHooks
+from optimizers.common.param_groups import CheckedParamGroups
 
 UpdateResult = tuple[Tensor, float, float] | None
 
@@ -83,7 +84,7 @@ def apply_update_(param: Tensor, update: Tensor, step_size: float, decay: float,
         param.copy_(result)
 
 
-class AdvancedOptimizer(Optimizer, TrainingHooks):
+class AdvancedOptimizer(CheckedParamGroups, Optimizer, TrainingHooks):
     """State per parameter: `step` (int, updates of this parameter) plus the member's moments (see
     `optimizers.advanced.factored.Moment` for the dense and factored layouts)."""
 

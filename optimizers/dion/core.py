@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 from optimizers.common.choices import group_algorithm, parse_choice
 from optimizers.common.closure import closure_loss
 from optimizers.common.hooks import TrainingHooks
+from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.common.scalar_updates import adamw_update, lion_update
 from optimizers.common.tensors import local_tensor
 from optimizers.dion.distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
@@ -38,7 +39,6 @@ from optimizers.dion.distributed import (Collectives, MatrixLayout, all_gather_r
 from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize,
                                     initial_q, low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
                                     solve_right_upper)
-
 
 DION = "dion"  # the param-group algorithm of the matrices
 
@@ -177,7 +177,7 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
     return householder_orthonormalize(full)[:, start:start + length], nonzero_and_finite(full)
 
 
-class DionBase(Optimizer, TrainingHooks, abc.ABC):
+class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
     """Dion (arXiv 2504.05295, Algorithm 1) for the 2D matrices of `algorithm` = "dion" groups, AdamW or Lion for
     "adamw" / "lion" groups. Subclasses implement `_update_matrices`.
 

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim import Optimizer
 
 from optimizers.common.closure import closure_loss
+from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.shampoo.blocking import BlockPlan, plan_blocks
 from optimizers.shampoo.config import GraftingType, LargeDimMethod, Precision, RootInverseMethod, ShampooConfig
 from optimizers.shampoo.distributed import compute_shared
@@ -24,7 +25,7 @@ from optimizers.shampoo.updates import (apply_kronecker_preconditioner, diagonal
                                         update_kronecker_factors)
 
 
-class DistributedShampoo(Optimizer):
+class DistributedShampoo(CheckedParamGroups, Optimizer):
     """Shampoo with a grafted step size, for dense parameters of any order.
 
     One step, per parameter with gradient g (t = the parameter's step count):
