@@ -30,7 +30,7 @@ from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_ma
 from trainer.errors import ConfigError, UserError
 from trainer.metrics import RunLogger
 from trainer.runtime import keep_large_allocations_in_heap
-from trainer.schedule import build_scheduler
+from trainer.schedule import build_scheduler, configured_hyperparameters, resume_schedule
 
 
 class TrainingError(RuntimeError):
@@ -87,10 +87,11 @@ def run(config: TrainConfig, env: Distributed) -> None:
     num_iterations = config.schedule.num_iterations
     resume_from = latest_checkpoint(config.checkpoint_dir)
     if resume_from is not None:
+        configured = configured_hyperparameters(optimizer)
         state = load_checkpoint(resume_from, model, optimizer, env)
         loader.load_state_dict(state["loader"])
-        scheduler.load_state_dict(state["scheduler"])
         step, wandb_id, elapsed, tokens = state["step"], state["wandb_id"], state["elapsed"], state["tokens"]
+        resume_schedule(optimizer, scheduler, configured, step)
     if wandb_id is None and config.logging.wandb:
         wandb_id = broadcast_from_main(uuid.uuid4().hex[:8], env)
     logger = RunLogger(config, env.is_main, step, wandb_id)
@@ -107,7 +108,7 @@ def run(config: TrainConfig, env: Distributed) -> None:
         hooks.synchronize_for_checkpoint()
         save_checkpoint(config.checkpoint_dir, at_step, model, optimizer,
                         dict(step=at_step, wandb_id=logger.wandb_id, elapsed=elapsed, tokens=tokens,
-                             loader=loader.state_dict(), scheduler=scheduler.state_dict()),
+                             loader=loader.state_dict()),
                         env, config.checkpoint.keep)
         hooks.train()
 

@@ -24,3 +24,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> WS
     if schedule.name == "cosine":
         return WSDScheduler(optimizer, warmup, 0, total - warmup, decay_shape="cosine")
     return WSDScheduler(optimizer, warmup, total - warmup, 0)
+
+
+# What a resume takes from the config rather than from the checkpoint (docs: README "Resume"): the learning rates
+# (each group's base LR as the config builds it) and weight decay, and the schedule's shape and length. Everything
+# else (optimizer states, step count, data position, RNG, the other optimizer options) continues from the checkpoint.
+RESUMABLE_GROUP_KEYS = ("initial_lr", "weight_decay")
+
+
+def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The config's values of RESUMABLE_GROUP_KEYS per param group, taken before a checkpoint is loaded."""
+    return [{key: group[key] for key in RESUMABLE_GROUP_KEYS if key in group} for group in optimizer.param_groups]
+
+
+def resume_schedule(optimizer: torch.optim.Optimizer, scheduler: WSDScheduler, configured: list[dict],
+                    step: int) -> None:
+    """After loading a checkpoint taken at `step`: put back the configured base LRs and weight decays, and place the
+    schedule built from the current config at `step` (so extending num_iterations or changing lr or the schedule
+    takes effect; with an unchanged config the LRs are the ones the checkpoint would have restored)."""
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler.last_epoch = step
+    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -119,3 +119,16 @@ def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, monkeypatch):
     assert run_train(tmp_path, *args) == 0  # resumes at step 2 of 4
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and {run.name.split("-")[3] for run in runs} == {run_id}
+
+
+def test_resume_with_more_steps_and_a_new_lr_follows_the_new_config(tmp_path):
+    """A finished 6-step run (linear warmdown to 0 at the end), rerun with num_iterations 10 and lr 0.005: the
+    steps 7-10 run on the new 10-step schedule at the new peak, not at the checkpoint's final lr 0."""
+    args = ["--optimizer", "adamw", "--checkpoint_freq", "6", "--schedule.warmdown_ratio", "0.5"]
+    assert run_train(tmp_path, *args, "--num_iterations", "6", "--lr", "0.01") == 0
+    assert run_train(tmp_path, *args, "--num_iterations", "10", "--lr", "0.005") == 0
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path) if "lr" in r}
+    # 10 steps, warmdown 5: steps 1-5 at the peak, then 5/5 .. 1/5 of it (lr logged is the one the step used)
+    assert [lrs[s] for s in (7, 8, 9, 10)] == pytest.approx([0.005 * f for f in (4 / 5, 3 / 5, 2 / 5, 1 / 5)])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["optimizer"]["lr"] == 0.005 and saved["schedule"]["num_iterations"] == 10
