@@ -33,6 +33,9 @@ from trainer.runtime import keep_large_allocations_in_heap
 from trainer.schedule import build_scheduler, configured_hyperparameters, resume_schedule
 
 
+DIVERGENCE_MARGIN = 1.0  # nats above the first step's loss that a run must not reach
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); printed as one line, exit status 3."""
 
@@ -126,6 +129,7 @@ def run(config: TrainConfig, env: Distributed) -> None:
         from tqdm import tqdm
         progress = tqdm(total=num_iterations, initial=step, desc=config.optimizer.name, dynamic_ncols=True)
     tokens_per_step = config.tokens_per_step
+    first_loss, warned_divergence = None, False
     while step < num_iterations:
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -140,6 +144,12 @@ def run(config: TrainConfig, env: Distributed) -> None:
         if not math.isfinite(train_loss):
             raise TrainingError(f"non-finite training loss {train_loss} at step {step + 1}; stopping without saving "
                                 f"(the last good checkpoint is kept). Lower lr or check the data")
+        first_loss = train_loss if first_loss is None else first_loss
+        if train_loss > first_loss + DIVERGENCE_MARGIN and not warned_divergence and env.is_main:
+            warned_divergence = True
+            print(f"warning: training loss {train_loss:.3f} at step {step + 1} is far above the first step's "
+                  f"{first_loss:.3f}: the run is diverging; lower optimizer.lr (now {config.optimizer.lr:g})",
+                  file=sys.stderr)
         log_now = (step + 1) % log_every == 0 or step + 1 == num_iterations
         grad_norm = None
         if config.grad_clip > 0:

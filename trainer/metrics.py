@@ -34,11 +34,12 @@ class RunLogger:
                                         dir=str(self.run_dir))
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites history after its checkpoint: drop records a crashed run logged past it."""
+        """A resumed run rewrites history after its checkpoint: drop records a crashed run logged past it (a run
+        that starts over at step 0 drops them all, so its step-0 validation is not recorded twice)."""
         if not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+                if line.strip() and 0 < json.loads(line)["step"] <= step]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.metrics_path)

@@ -132,3 +132,17 @@ def test_resume_with_more_steps_and_a_new_lr_follows_the_new_config(tmp_path):
     assert [lrs[s] for s in (7, 8, 9, 10)] == pytest.approx([0.005 * f for f in (4 / 5, 3 / 5, 2 / 5, 1 / 5)])
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["optimizer"]["lr"] == 0.005 and saved["schedule"]["num_iterations"] == 10
+
+
+def test_rerun_after_a_crash_before_any_checkpoint_logs_step_zero_once(tmp_path):
+    args = ["--optimizer", "adamw", "--num_iterations", "2", "--val_loss_every", "2", "--checkpoint_freq", "0"]
+    assert run_train(tmp_path, *args) == 0  # no checkpoint: a rerun starts over
+    assert run_train(tmp_path, *args) == 0
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_diverging_run_warns_once(tmp_path, capsys):
+    assert run_train(tmp_path, "--optimizer", "adamw", "--lr", "3.0", "--num_iterations", "6",
+                     "--checkpoint_freq", "0") in (0, 3)
+    err = capsys.readouterr().err
+    assert err.count("warning: training loss") == 1 and "lower optimizer.lr (now 3)" in err
