@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 
 import torch
 
@@ -63,7 +64,15 @@ def gradient_norm(parameters) -> torch.Tensor:
     return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
 
 
-def run(config: TrainConfig, env: Distributed) -> None:
+@dataclass
+class Progress:
+    """Where the run is, for the line printed when it is interrupted."""
+    step: int = 0
+    last_checkpoint: str | None = None
+
+
+def run(config: TrainConfig, env: Distributed, progress: Progress | None = None) -> None:
+    progress = progress if progress is not None else Progress()
     check_layout(config, env)
     device_batch_size, accumulation = micro_batch_size(config, env)
     if config.fused_backward and accumulation > 1:
@@ -89,12 +98,14 @@ def run(config: TrainConfig, env: Distributed) -> None:
     step, wandb_id, elapsed, tokens = 0, None, 0.0, 0
     num_iterations = config.schedule.num_iterations
     resume_from = latest_checkpoint(config.checkpoint_dir)
+    progress.last_checkpoint = resume_from.name if resume_from is not None else None
     if resume_from is not None:
         configured = configured_hyperparameters(optimizer)
         state = load_checkpoint(resume_from, model, optimizer, env)
         loader.load_state_dict(state["loader"])
         step, wandb_id, elapsed, tokens = state["step"], state["wandb_id"], state["elapsed"], state["tokens"]
         resume_schedule(optimizer, scheduler, configured, step)
+        progress.step = step
     if wandb_id is None and config.logging.wandb:
         wandb_id = broadcast_from_main(uuid.uuid4().hex[:8], env)
     logger = RunLogger(config, env.is_main, step, wandb_id)
@@ -109,10 +120,11 @@ def run(config: TrainConfig, env: Distributed) -> None:
     def checkpoint(at_step: int) -> None:
         hooks.eval()
         hooks.synchronize_for_checkpoint()
-        save_checkpoint(config.checkpoint_dir, at_step, model, optimizer,
-                        dict(step=at_step, wandb_id=logger.wandb_id, elapsed=elapsed, tokens=tokens,
-                             loader=loader.state_dict()),
-                        env, config.checkpoint.keep)
+        saved = save_checkpoint(config.checkpoint_dir, at_step, model, optimizer,
+                                dict(step=at_step, wandb_id=logger.wandb_id, elapsed=elapsed, tokens=tokens,
+                                     loader=loader.state_dict()),
+                                env, config.checkpoint.keep)
+        progress.last_checkpoint = saved.name
         hooks.train()
 
     def validate() -> float:
@@ -124,10 +136,10 @@ def run(config: TrainConfig, env: Distributed) -> None:
     val_loss_every, log_every = config.logging.val_loss_every, config.logging.log_every
     if step == 0 and val_loss_every > 0:
         logger.log(dict(step=0, val_loss=validate(), tokens=0, time=0.0))
-    progress = None
+    bar = None
     if env.is_main:
         from tqdm import tqdm
-        progress = tqdm(total=num_iterations, initial=step, desc=config.optimizer.name, dynamic_ncols=True)
+        bar = tqdm(total=num_iterations, initial=step, desc=config.optimizer.name, dynamic_ncols=True)
     tokens_per_step = config.tokens_per_step
     first_loss, warned_divergence = None, False
     while step < num_iterations:
@@ -171,6 +183,7 @@ def run(config: TrainConfig, env: Distributed) -> None:
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
+        progress.step = step
         tokens += tokens_per_step
         if env.device.type == "cuda":
             torch.cuda.synchronize()
@@ -184,23 +197,23 @@ def run(config: TrainConfig, env: Distributed) -> None:
             record["val_loss"] = validate()
         if log_now or "val_loss" in record:
             logger.log(record)
-        if progress is not None:
+        if bar is not None:
             postfix = dict(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             if "val_loss" in record:
                 postfix["val"] = f"{record['val_loss']:.4f}"
-            progress.set_postfix(postfix, refresh=False)
-            progress.update(1)
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
         freq = config.checkpoint.freq
         if freq > 0 and (step % freq == 0 or step == num_iterations):
             checkpoint(step)
-    if progress is not None:
-        progress.close()
+    if bar is not None:
+        bar.close()
     logger.finish()
 
 
 def main(argv: list[str]) -> int:
     is_main = os.environ.get("RANK", "0") == "0"
-    env = None
+    env, progress = None, Progress()
     try:
         if "-h" in argv or "--help" in argv:
             print(__doc__)
@@ -212,11 +225,16 @@ def main(argv: list[str]) -> int:
             keep_large_allocations_in_heap()
         if config.debug:
             torch.autograd.set_detect_anomaly(True)
-        run(config, env)
+        run(config, env, progress)
     except (UserError, ShardError, FileNotFoundError) as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"\ninterrupted at step {progress.step}; last checkpoint: {progress.last_checkpoint or 'none'}; "
+                  f"rerun the same command to resume", file=sys.stderr)
+        return 130
     except TrainingError as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)

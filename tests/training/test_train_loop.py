@@ -61,8 +61,7 @@ def test_kill_during_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypat
         return real_save(state, checkpoint_id=checkpoint_id)
 
     monkeypatch.setattr(trainer.checkpoint.dcp, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tmp_path / "run", *args)
+    assert run_train(tmp_path / "run", *args) == 130  # interrupted (Ctrl-C) inside the save
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "step_00000004.tmp").exists()
     assert latest_checkpoint(checkpoints).name == "step_00000002"
@@ -146,3 +145,24 @@ def test_diverging_run_warns_once(tmp_path, capsys):
                      "--checkpoint_freq", "0") in (0, 3)
     err = capsys.readouterr().err
     assert err.count("warning: training loss") == 1 and "lower optimizer.lr (now 3)" in err
+
+
+def test_ctrl_c_prints_where_the_run_stopped_and_exits_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.training.helpers import ROOT, TINY
+    command = [sys.executable, "train.py", *TINY, "--run_dir", str(tmp_path), "--optimizer", "adamw",
+               "--num_iterations", "100000", "--checkpoint_freq", "2"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "checkpoints" / "step_00000004").exists():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    line = [line for line in err.splitlines() if line.startswith("interrupted at step")]
+    assert len(line) == 1 and "last checkpoint: step_000000" in line[0] and "rerun the same command" in line[0]
