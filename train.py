@@ -142,27 +142,23 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None)
         bar = tqdm(total=num_iterations, initial=step, desc=config.optimizer.name, dynamic_ncols=True)
     tokens_per_step = config.tokens_per_step
     first_loss, warned_divergence = None, False
+    window_started, window_steps = time.perf_counter(), 0  # steps since the last host sync
     while step < num_iterations:
-        started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = torch.zeros((), device=env.device)
+        train_loss = torch.zeros((), device=env.device)  # stays on the device until a sync step
         for micro in range(accumulation):
             inputs, targets = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
             with no_gradient_sync(model, sync=micro == accumulation - 1), autocast():
                 loss = model(inputs, targets) / accumulation
             loss.backward()
             train_loss += loss.detach()
-        train_loss = all_reduce_mean(train_loss, env).item()
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"non-finite training loss {train_loss} at step {step + 1}; stopping without saving "
-                                f"(the last good checkpoint is kept). Lower lr or check the data")
-        first_loss = train_loss if first_loss is None else first_loss
-        if train_loss > first_loss + DIVERGENCE_MARGIN and not warned_divergence and env.is_main:
-            warned_divergence = True
-            print(f"warning: training loss {train_loss:.3f} at step {step + 1} is far above the first step's "
-                  f"{first_loss:.3f}: the run is diverging; lower optimizer.lr (now {config.optimizer.lr:g})",
-                  file=sys.stderr)
+        # Host syncs (.item(), collectives of the loss, cuda.synchronize) happen only on steps that log, validate or
+        # checkpoint; the loss is checked for non-finite values there, always before a checkpoint is written.
         log_now = (step + 1) % log_every == 0 or step + 1 == num_iterations
+        validate_now = val_loss_every > 0 and ((step + 1) % val_loss_every == 0 or step + 1 == num_iterations)
+        freq = config.checkpoint.freq
+        checkpoint_now = freq > 0 and ((step + 1) % freq == 0 or step + 1 == num_iterations)
+        sync_now = log_now or validate_now or checkpoint_now
         grad_norm = None
         if config.grad_clip > 0:
             grad_norm = gradient_norm(model.parameters())
@@ -185,27 +181,40 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None)
         step += 1
         progress.step = step
         tokens += tokens_per_step
+        window_steps += 1
+        if bar is not None:
+            bar.update(1)
+        if not sync_now:
+            continue
+        train_loss = all_reduce_mean(train_loss, env).item()
+        if not math.isfinite(train_loss):
+            raise TrainingError(f"non-finite training loss {train_loss} at step {step}; stopping without saving "
+                                f"(the last good checkpoint is kept). Lower lr or check the data")
+        first_loss = train_loss if first_loss is None else first_loss
+        if train_loss > first_loss + DIVERGENCE_MARGIN and not warned_divergence and env.is_main:
+            warned_divergence = True
+            print(f"warning: training loss {train_loss:.3f} at step {step} is far above the first logged "
+                  f"{first_loss:.3f}: the run is diverging; lower optimizer.lr (now {config.optimizer.lr:g})",
+                  file=sys.stderr)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
-        step_time = time.perf_counter() - started
-        elapsed += step_time
+        window = time.perf_counter() - window_started
+        elapsed += window
         record = dict(step=step, train_loss=train_loss, lr=lr, tokens=tokens, time=round(elapsed, 4),
-                      tokens_per_second=round(tokens_per_step / step_time, 1))
+                      tokens_per_second=round(window_steps * tokens_per_step / window, 1))
         if grad_norm is not None:
             record["grad_norm"] = grad_norm.item()
-        if val_loss_every > 0 and (step % val_loss_every == 0 or step == num_iterations):
+        if validate_now:
             record["val_loss"] = validate()
-        if log_now or "val_loss" in record:
-            logger.log(record)
+        logger.log(record)
         if bar is not None:
             postfix = dict(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             if "val_loss" in record:
                 postfix["val"] = f"{record['val_loss']:.4f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-        freq = config.checkpoint.freq
-        if freq > 0 and (step % freq == 0 or step == num_iterations):
+            bar.set_postfix(postfix)
+        if checkpoint_now:
             checkpoint(step)
+        window_started, window_steps = time.perf_counter(), 0  # validation and saves are not training time
     if bar is not None:
         bar.close()
     logger.finish()

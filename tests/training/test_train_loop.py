@@ -166,3 +166,24 @@ def test_ctrl_c_prints_where_the_run_stopped_and_exits_130(tmp_path):
     assert "Traceback" not in err
     line = [line for line in err.splitlines() if line.startswith("interrupted at step")]
     assert len(line) == 1 and "last checkpoint: step_000000" in line[0] and "rerun the same command" in line[0]
+
+
+def test_steps_that_do_not_log_make_no_host_sync(tmp_path, monkeypatch):
+    """.item() (a host sync on GPUs) only on logging steps: 6 steps logged every 6, 3 and 1 steps make 1, 2 and 6
+    times the syncs of one logging step, so a non-logging step makes none."""
+    import torch
+    calls = {"n": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        calls["n"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    counts = {}
+    for every in (6, 3, 1):
+        calls["n"] = 0
+        assert run_train(tmp_path / str(every), "--optimizer", "adamw", "--num_iterations", "6", "--checkpoint_freq",
+                         "0", "--logging.log_every", str(every)) == 0
+        counts[every] = calls["n"]
+    assert counts[6] > 0 and counts[3] == 2 * counts[6] and counts[1] == 6 * counts[6], counts
