@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from optimizers.advanced.sharding import local_gradient
 from optimizers.closure import closure_loss
 from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
                                          as_like, group_size, local_tensor, matrix_layout, process_group, q_placements,
@@ -312,14 +313,12 @@ class DionBase(Optimizer, abc.ABC):
     def _matrix_task(self, p: Tensor, group: dict) -> MatrixTask:
         layout = self._layout(p)
         state = self._matrix_state(p, group, layout)
-        grad = p.grad
-        if isinstance(grad, DTensor) and grad.placements != p.placements:
-            grad = grad.redistribute(p.device_mesh, p.placements)
+        grad = local_gradient(p)
         qr_method = self._qr_method
         if qr_method is QRMethod.CQR and group["step"] <= self._cqr_warmup_steps:
             qr_method = QRMethod.RCQR  # Cholesky QR only once the momentum is well-conditioned
         rank = state["Q"].shape[1]
-        return MatrixTask(param=local_tensor(p), grad=local_tensor(grad), momentum=local_tensor(state["momentum"]),
+        return MatrixTask(param=local_tensor(p), grad=grad, momentum=local_tensor(state["momentum"]),
                           Q=local_tensor(state["Q"]), layout=layout, lr=group["lr"], mu=group["mu"],
                           weight_decay=group["weight_decay"], epsilon=group["epsilon"], qr_method=qr_method,
                           compressed=layout.compressed(self._replicate_group, rank), step=group["step"])
@@ -328,7 +327,7 @@ class DionBase(Optimizer, abc.ABC):
     def _scalar_gradients(self, params: list[Tensor]) -> Callable[[], list[Tensor]]:
         """Start averaging the scalar-algorithm gradients over the replicas (when the optimizer owns that sync: one
         all-reduce per dtype over a flat buffer); the returned function waits and gives the local gradients."""
-        grads = [local_tensor(p.grad) for p in params]
+        grads = [local_gradient(p) for p in params]
         if self._replicate_group is None or not grads:
             return lambda: grads
         by_dtype: dict[torch.dtype, list[int]] = {}

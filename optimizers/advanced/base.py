@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from optimizers import foreach_tiles
 from optimizers.advanced.factored import Moment
 from optimizers.advanced.features import Features
-from optimizers.advanced.sharding import ShardReducer, local_tensor, shard_groups
+from optimizers.advanced.sharding import ShardReducer, local_gradient, local_tensor, shard_groups
 from optimizers.advanced.transforms import (ademamix_alpha, ademamix_beta3, cautious_mask_, copy_stochastic_,
                                             grams_, orthogonalize_gradient)
 from optimizers.closure import closure_loss
@@ -151,7 +151,7 @@ class AdvancedOptimizer(Optimizer):
             self._init_state(param, local, state, group)
         state["step"] += 1
         reducer = ShardReducer(shard_groups(param))
-        grad = local_tensor(param.grad).float()
+        grad = local_gradient(param).float()
         tiles = self._cache_tiles(param, local, grad, state)
         if tiles is not None:
             for local_tile, grad_tile, state_tile in tiles:
