@@ -33,7 +33,8 @@ from optimizers.closure import closure_loss
 from optimizers.dion_distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
                                          as_like, group_size, local_tensor, matrix_layout, process_group, q_placements,
                                          run_blocking)
-from optimizers.dion_math import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize,
+from optimizers.dion_math import (cholesky_upper, compute_dtype, gaussian_sketch, gram, gram_near_identity,
+                                  householder_orthonormalize,
                                   initial_q, low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
                                   solve_right_upper)
 from optimizers.options import parse_choice
@@ -163,7 +164,15 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         valid = nonzero_and_finite(G)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
         if bool((usable | ~valid).all()):
-            return solve_right_upper(P, R), valid
+            # CholeskyQR2: the first pass leaves |P1^T P1 - I| ~ eps cond(P)^2; a second pass on P1 (cond ~ 1)
+            # restores orthonormality to round-off, provided the first pass was close (else fall back).
+            P1 = solve_right_upper(P, R)
+            G1 = gram(P1)
+            yield all_reduce(G1, layout.row_group)
+            R, usable = cholesky_upper(torch.where(valid[:, None, None], G1, 0.0))
+            usable &= gram_near_identity(G1)
+            if bool((usable | ~valid).all()):
+                return solve_right_upper(P1, R), valid
         qr_method = QRMethod.RCQR
     if qr_method is QRMethod.RCQR and rows > rank:
         k = sketch_rows(rank, oversample)
