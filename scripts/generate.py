@@ -46,8 +46,9 @@ def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[TrainConfig
 def sample(model: nn.Module, prompt: list[int], max_new_tokens: int, sequence_length: int, vocab_size: int,
            temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> list[int]:
     """`max_new_tokens` token ids drawn after `prompt`, each from the model's next-token distribution over the
-    first min(vocab_size, GPT-2's 50257) ids (the padding rows of the embedding are never drawn) at `temperature` (0: the most likely
-    token), restricted to the `top_k` most likely when given. The model sees the last `sequence_length` tokens."""
+    first min(vocab_size, GPT-2's 50257) ids (the padding rows of the embedding are never drawn) at `temperature`
+    (0: the most likely token), restricted to the `top_k` most likely when given. The model sees the last
+    `sequence_length` tokens."""
     generator = torch.Generator().manual_seed(seed)
     vocab = min(vocab_size, gpt2_encoding().n_vocab)
     tokens = torch.tensor([prompt or [EOT_TOKEN]])
