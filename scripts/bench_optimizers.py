@@ -3,6 +3,11 @@
     python scripts/bench_optimizers.py                          # d=384, 4 layers ("tiny" preset), CPU, 2 threads
     python scripts/bench_optimizers.py --preset 160m --device cuda --markdown > bench.md
     python scripts/bench_optimizers.py --optimizers dion muon --profile dion_r1
+    python scripts/bench_optimizers.py --results runs/bench.jsonl   # resumable: rerun to finish what is missing
+
+Rows are printed as each case completes. With --results FILE.jsonl each measured row is also appended to FILE; a
+rerun with the same file (and the same preset, device, repeats, warm-up and threads) reuses the rows already there
+and measures only the missing cases, so an interrupted run loses at most the case it was in.
 
 1. Limits: matmul throughput at the exact product shapes each optimizer runs (batched as the optimizers batch
    them; median of --repeats; fp32, bf16 for the cases that multiply in bf16: muon_bf16 and torch.optim.Muon), and copy bandwidth (dst.copy_(src), read + write bytes) over a buffer as large as the
@@ -32,6 +37,7 @@ import argparse
 import contextlib
 import gc
 import io
+import dataclasses
 import json
 import os
 import platform
@@ -51,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dion import synchronize  # noqa: E402
 from optimizer_memory import state_bytes  # noqa: E402
+from results_file import ResultsFile, ResultsFileError  # noqa: E402
 
 import train  # noqa: E402
 from data import DistributedTokenLoader  # noqa: E402
@@ -62,6 +69,7 @@ from trainer.config import build_config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 
 RANK_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
+REFERENCE = "torch.optim.AdamW(foreach)"  # element-wise step times are also given relative to this case
 DION_NAMES = ("dion", "dion_async", "dion_reference")
 PRECONDITIONED = ("shampoo", "soap")
 NS_STEPS = 5
@@ -210,7 +218,7 @@ def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]])
             # foreach path that DTensors and mixed dtypes take.
             cases += [Case("adamw", name, "elementwise", registry(name)),
                       Case("adamw_foreach", name, "elementwise", registry(name, fused=False)),
-                      Case("torch.optim.AdamW(foreach)", name, "elementwise",
+                      Case(REFERENCE, name, "elementwise",
                            lambda groups: torch.optim.AdamW(_all(groups), foreach=True)),
                       Case("torch.optim.AdamW(fused)", name, "elementwise",
                            lambda groups: torch.optim.AdamW(_all(groups), fused=True))]
@@ -219,7 +227,7 @@ def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]])
         else:
             cases.append(Case(name, name, "elementwise" if OPTIMIZERS[name].scalar is ScalarPolicy.SAME else "matrix",
                               registry(name)))
-    return cases
+    return sorted(cases, key=lambda case: case.label != REFERENCE)  # first: the rows printed after it use it
 
 
 def _all(groups: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -337,28 +345,54 @@ def machine_line(device: torch.device) -> str:
 
 
 class Report:
-    """Headings, notes and tables, as Markdown (--markdown) or as aligned plain text."""
+    """Headings, notes and tables, as Markdown (--markdown) or as aligned plain text, flushed line by line so a
+    long run shows each row as it completes (`start_table`, `row`, `end_table`)."""
 
     def __init__(self, markdown: bool):
         self.markdown = markdown
+        self.widths: list[int] = []
+
+    def print(self, text: str) -> None:
+        print(text, flush=True)
 
     def heading(self, text: str, level: int = 2) -> None:
-        print(f"{'#' * level} {text}\n" if self.markdown else f"{text}\n{'=' * len(text)}")
+        self.print(f"{'#' * level} {text}\n" if self.markdown else f"{text}\n{'=' * len(text)}")
 
     def note(self, text: str) -> None:
-        print(text + "\n")
+        self.print(text + "\n")
+
+    def start_table(self, headers: list[str], widths: list[int] | None = None) -> None:
+        """Plain-text columns are as wide as `widths` (or the headers); a longer cell widens its own line only."""
+        self.widths = [max(len(h), w) for h, w in zip(headers, widths or [0] * len(headers))]
+        if self.markdown:
+            self.print("| " + " | ".join(headers) + " |")
+            self.print("|---|" + "---:|" * (len(headers) - 1))
+        else:
+            self.row(headers)
+
+    def row(self, cells: list[str]) -> None:
+        if self.markdown:
+            self.print("| " + " | ".join(cells) + " |")
+        else:
+            self.print("  ".join(str(x).ljust(w) for x, w in zip(cells, self.widths)).rstrip())
+
+    def end_table(self) -> None:
+        self.print("")
 
     def table(self, headers: list[str], rows: list[list[str]]) -> None:
-        if self.markdown:
-            print("| " + " | ".join(headers) + " |")
-            print("|---|" + "---:|" * (len(headers) - 1))
-            for row in rows:
-                print("| " + " | ".join(row) + " |")
-        else:
-            widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
-            for row in [headers] + rows:
-                print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
-        print()
+        self.start_table(headers, [max(len(str(x)) for x in column) for column in zip(headers, *rows)])
+        for row in rows:
+            self.row(row)
+        self.end_table()
+
+
+def step_time_row(r: Result, reference: Result | None) -> list[str]:
+    unit = "GFLOP/s" if r.case.kind == "matrix" else "GB/s"
+    achieved = "" if r.rate is None else f"{r.rate / 1e9:.1f} {unit}"
+    limit = "" if r.limit is None else f"{r.limit / 1e9:.1f} {unit}"
+    efficiency = "" if r.efficiency is None else f"{r.efficiency:.0%}"
+    ratio = f"{r.seconds / reference.seconds:.2f}x" if reference and r.case.kind == "elementwise" else ""
+    return [r.case.label, f"{r.parameters:,}", f"{1e3 * r.seconds:.1f}", achieved, limit, efficiency, ratio]
 
 
 def verdict(value: float, bar: float, higher_is_better: bool = True) -> str:
@@ -379,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-optimizer", default="dion")
     parser.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of this case")
     parser.add_argument("--markdown", action="store_true", help="emit Markdown tables")
+    parser.add_argument("--results", type=Path, metavar="FILE.jsonl",
+                        help="append each measured row here; rows already there (same settings) are reused")
     args = parser.parse_args(argv)
     names = args.optimizers or sorted(OPTIMIZERS)
     unknown = sorted(set(names) - set(OPTIMIZERS))
@@ -389,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:
+        store = ResultsFile(args.results, dict(script="bench_optimizers", preset=args.preset, device=str(device),
+                                               repeats=args.repeats, warmup=args.warmup, threads=args.threads))
+    except ResultsFileError as error:
+        print(f"error: --results: {error}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     model = GPT(PRESETS[args.preset])
     template = model.param_groups()
@@ -421,32 +463,35 @@ def main(argv: list[str] | None = None) -> int:
         limits.append([f"fp32 matmul {m}x{n} @ {n}x{n}", f"{rate / 1e9:.1f} GFLOP/s"])
     report.table(["limit", "value"], limits)
 
-    results = []
-    for case in cases:
-        try:
-            results.append(run_case(case, template, device, args.warmup, args.repeats))
-        except Exception as error:  # an optimizer that cannot run here is reported, not fatal
-            report.note(f"{case.label} not measured: {type(error).__name__}: {str(error).splitlines()[0]}")
-        print(f"measured {case.label}", file=sys.stderr, flush=True)
-    by_label = {r.case.label: r for r in results}
-    reference = by_label.get("torch.optim.AdamW(foreach)")
-
     report.heading("Step time")
     report.note("Efficiency: matrix rows = bare-matmul time of the same products / step time (achieved FLOP/s over "
                 "the limit: the FLOP/s of those products as bare batched matmuls); element-wise rows = bytes moved / "
                 "step time / copy bandwidth over a buffer of the same size. Each limit is measured right after the "
                 "case's steps.")
-    rows = []
-    for r in results:
-        unit = "GFLOP/s" if r.case.kind == "matrix" else "GB/s"
-        achieved = "" if r.rate is None else f"{r.rate / 1e9:.1f} {unit}"
-        limit = "" if r.limit is None else f"{r.limit / 1e9:.1f} {unit}"
-        efficiency = "" if r.efficiency is None else f"{r.efficiency:.0%}"
-        ratio = f"{r.seconds / reference.seconds:.2f}x" if reference and r.case.kind == "elementwise" else ""
-        rows.append([r.case.label, f"{r.parameters:,}", f"{1e3 * r.seconds:.1f}", achieved, limit, efficiency,
-                     ratio])
-    report.table(["optimizer", "parameters", "step ms (median)", "achieved", "limit", "efficiency",
-                  "vs torch AdamW(foreach)"], rows)
+    report.start_table(["optimizer", "parameters", "step ms (median)", "achieved", "limit", "efficiency",
+                        "vs torch AdamW(foreach)"], [max(len(c.label) for c in cases), 11, 0, 14, 14, 0, 0])
+    results, failed, reference = [], [], None
+    for case in cases:
+        stored = store.get(case.label)
+        if stored is not None:
+            result = Result(case, **stored)
+            print(f"{case.label}: reused the row in {args.results}", file=sys.stderr, flush=True)
+        else:
+            try:
+                result = run_case(case, template, device, args.warmup, args.repeats)
+            except Exception as error:  # an optimizer that cannot run here is reported, not fatal
+                failed.append(f"{case.label} not measured: {type(error).__name__}: {str(error).splitlines()[0]}")
+                print(failed[-1], file=sys.stderr, flush=True)
+                continue
+            store.add(case.label, {f.name: getattr(result, f.name) for f in dataclasses.fields(Result)
+                                   if f.name != "case"})
+        results.append(result)
+        reference = result if case.label == REFERENCE else reference
+        report.row(step_time_row(result, reference))
+    report.end_table()
+    for line in failed:
+        report.note(line)
+    by_label = {r.case.label: r for r in results}
 
     curve = [(name, [by_label.get(f"{name}_r{f:g}") for f in RANK_FRACTIONS]) for name in DION_NAMES]
     curve = [(name, rows) for name, rows in curve if all(rows)]
@@ -469,10 +514,15 @@ def main(argv: list[str] | None = None) -> int:
 
     loop_ratio = None
     if args.loop_steps > 0:
-        trained, minimal = [], []
-        for _ in range(args.loop_repeats):
-            minimal.append(minimal_tokens_per_second(args.loop_steps, args.loop_optimizer))
-            trained.append(train_py_tokens_per_second(args.loop_steps, args.loop_optimizer))
+        loop_label = f"training loop: {args.loop_optimizer}, {args.loop_steps} steps x {args.loop_repeats}"
+        stored = store.get(loop_label)
+        if stored is None:
+            stored = {"trained": [], "minimal": []}
+            for _ in range(args.loop_repeats):
+                stored["minimal"].append(minimal_tokens_per_second(args.loop_steps, args.loop_optimizer))
+                stored["trained"].append(train_py_tokens_per_second(args.loop_steps, args.loop_optimizer))
+            store.add(loop_label, stored)
+        trained, minimal = stored["trained"], stored["minimal"]
         loop_ratio = statistics.median(trained) / statistics.median(minimal)
         report.heading(f"Training loop (configs/default.yaml model, {args.loop_optimizer}, {args.loop_steps} steps, "
                        f"{args.loop_repeats} alternations)")

@@ -20,6 +20,17 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.M
     return model_package(config.model_name).Model(config.model).to(device)
 
 
+def describe_model(model: nn.Module, config: TrainConfig) -> str:
+    """One line: the parameter count split into embedding / blocks / the rest, training FLOPs per token and tokens
+    per optimizer step."""
+    total = model.num_parameters(exclude_embedding=False)
+    embedding = total - model.num_parameters()
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    return (f"model {config.model_name}: {total:,} parameters = {embedding:,} embedding + {blocks:,} in the blocks "
+            f"(x{len(model.blocks)}) + {total - embedding - blocks:,} outside them (LM head, final norm); "
+            f"{model.flops_per_token() / 1e6:,.2f} MFLOPs/token (training); {config.tokens_per_step:,} tokens/step")
+
+
 def optimizer_syncs_replicas(config: TrainConfig, env: Distributed) -> bool:
     """True when the optimizer all-reduces the data-parallel replicas itself (Dion's compressed P/R sync), so
     DDP/FSDP leave the dp axis alone."""

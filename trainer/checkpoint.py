@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trainer.distributed import Distributed
+from trainer.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -92,3 +93,30 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if dist.is_initialized():
         dist.barrier()
     return trainer_state
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` itself when it is a complete checkpoint (a step_NNNNNNNN directory with DCP metadata), else the newest
+    complete checkpoint inside it; CheckpointError when there is none."""
+    if (path / ".metadata").is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (a step_NNNNNNNN directory with .metadata); was "
+                              f"checkpoint.freq 0, or did the run stop before its first checkpoint?")
+    return found
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """The model weights of checkpoint `path` into a plain single-process `model` (no process group needed).
+    The checkpoint may come from any layout (DDP, FSDP2, TP, HSDP): DCP stores each parameter once under its
+    fully-qualified name and reassembles the shards into the full tensors of `model`."""
+    state = {"model": model.state_dict()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as error:  # DCP raises CheckpointException wrapping per-rank errors
+        raise CheckpointError(f"checkpoint {path}: cannot load into this model "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
+    model.load_state_dict(state["model"])
