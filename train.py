@@ -22,8 +22,8 @@ import torch
 
 from data import DistributedTokenLoader, ShardError, validation_batches
 from optimizers.common.hooks import training_hooks
-from trainer.build import (build_model, build_training_optimizer, check_layout, data_files, micro_batch_size,
-                           optimizer_syncs_replicas)
+from trainer.build import (build_model, build_training_optimizer, check_layout, data_files, describe_model,
+                           micro_batch_size, optimizer_syncs_replicas)
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, build_config, help_text
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed, no_gradient_sync,
@@ -32,7 +32,6 @@ from trainer.errors import ConfigError, UserError
 from trainer.metrics import RunLogger
 from trainer.runtime import keep_large_allocations_in_heap
 from trainer.schedule import build_scheduler, configured_hyperparameters, resume_schedule
-
 
 DIVERGENCE_MARGIN = 1.0  # nats above the first step's loss that a run must not reach
 
@@ -81,6 +80,8 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None)
     train_files, val_files = data_files(config, env)
 
     model = build_model(config, env.device)
+    if env.is_main:
+        print(describe_model(model, config), flush=True)
     model = parallelize(model, config, env, optimizer_syncs_replicas(config, env))
     optimizer = build_training_optimizer(unwrap(model), config, env)
     hooks = training_hooks(optimizer)
@@ -218,6 +219,9 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None)
     if bar is not None:
         bar.close()
     logger.finish()
+    if env.is_main:
+        saved = f"; checkpoints in {config.checkpoint_dir}" if config.checkpoint.freq > 0 else ""
+        print(f"outputs: {logger.metrics_path}, {logger.run_dir / 'config.yaml'}{saved}")
 
 
 def main(argv: list[str]) -> int:

@@ -10,7 +10,7 @@ from tests.training.helpers import read_metrics, run_train, train_losses
 from trainer.checkpoint import latest_checkpoint
 
 
-def test_run_writes_metrics_and_resolved_config(tmp_path):
+def test_run_writes_metrics_and_resolved_config(tmp_path, capsys):
     assert run_train(tmp_path, "--optimizer", "adamw", "--lr", "0.01", "--num_iterations", "4",
                      "--val_loss_every", "2") == 0
     records = read_metrics(tmp_path)
@@ -23,6 +23,9 @@ def test_run_writes_metrics_and_resolved_config(tmp_path):
     assert saved["optimizer"]["name"] == "adamw" and saved["optimizer"]["lr"] == 0.01
     assert saved["schedule"]["num_iterations"] == 4 and saved["model"]["model_dim"] == 32
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
+    out = capsys.readouterr().out
+    assert "parameters = 1,609,728 embedding + " in out and "MFLOPs/token (training); 128 tokens/step" in out
+    assert f"outputs: {tmp_path / 'metrics.jsonl'}" in out
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
