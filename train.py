@@ -93,7 +93,8 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None)
         hooks.register_fused_backward_hooks()
     loader = DistributedTokenLoader(train_files, device_batch_size, config.model.sequence_length, env.data_rank,
                                     env.data_world_size)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if env.device.type == "cuda" \
+    autocast_dtype = config.precision.autocast_dtype(env.device.type)
+    autocast = (lambda: torch.autocast(env.device.type, dtype=autocast_dtype)) if autocast_dtype is not None \
         else contextlib.nullcontext
 
     step, wandb_id, elapsed, tokens = 0, None, 0.0, 0

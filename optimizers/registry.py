@@ -50,7 +50,8 @@ class OptimizerSpec:
     and for `scalar` (name, lr). runtime: "module:function" taking the OptimizerContext and returning the trainer-only
     keywords. syncs_replicate_grads: the optimizer all-reduces data-parallel gradients itself (the trainer then
     leaves the replicate axis out of DDP/FSDP). supports_tensor_parallel: accepts TP-sharded parameters.
-    supports_sharding: accepts FSDP2-sharded (DTensor) parameters. description: one line for --help and the README."""
+    supports_sharding: accepts FSDP2-sharded (DTensor) parameters. low_precision_states: its runtime keywords honour
+    ctx.state_dtype (bfloat16 states). description: one line for --help and the README."""
     optimizer: str
     description: str
     scalar: ScalarPolicy = ScalarPolicy.SAME
@@ -59,6 +60,7 @@ class OptimizerSpec:
     syncs_replicate_grads: bool = False
     supports_tensor_parallel: bool = False
     supports_sharding: bool = True
+    low_precision_states: bool = False
 
     def load(self) -> type[torch.optim.Optimizer]:
         return _import(self.optimizer)
@@ -91,13 +93,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "dion_reference": OptimizerSpec("optimizers.dion.reference:DionReference",
                                     "Dion, per-matrix reference implementation", scalar=ScalarPolicy.BUILTIN,
                                     defaults=_DION, runtime=_DION_RUNTIME, syncs_replicate_grads=True,
-                                    supports_tensor_parallel=True),
+                                    supports_tensor_parallel=True, low_precision_states=True),
     "dion": OptimizerSpec("optimizers.dion.batched:Dion", "Dion (low-rank orthonormalized updates), batched",
                           scalar=ScalarPolicy.BUILTIN, defaults=_DION, runtime=_DION_RUNTIME,
-                          syncs_replicate_grads=True, supports_tensor_parallel=True),
+                          syncs_replicate_grads=True, supports_tensor_parallel=True, low_precision_states=True),
     "dion_async": OptimizerSpec("optimizers.dion.overlapped:DionAsync", "Dion with collectives overlapped with compute",
                                 scalar=ScalarPolicy.BUILTIN, defaults=_DION, runtime=_DION_RUNTIME,
-                                syncs_replicate_grads=True, supports_tensor_parallel=True),
+                                syncs_replicate_grads=True, supports_tensor_parallel=True,
+                                low_precision_states=True),
     "sophia": OptimizerSpec("optimizers.sophia:Sophia", "Sophia-G (clipped Gauss-Newton-Bartlett preconditioning)",
                             defaults=dict(lr=6e-4, betas=(0.965, 0.99), weight_decay=0.2),
                             runtime="optimizers.sophia:runtime_kwargs"),
@@ -170,7 +173,7 @@ class OptimizerContext:
     and `vector_params` (norm gains, any 1D tensor) are the scalar parameters (see the module docstring).
     `options`: constructor keywords (defaults from `option_fields` where not given). `scalar`: "lion", "adamw" or
     "same" (None: the spec's default). `scalar_lr`: the scalar parameters' LR (None: the optimizer's lr).
-    `mixed_precision`: low-precision optimizer states where the optimizer has them (Dion).
+    `state_dtype`: the dtype of the optimizer's states where it supports bfloat16 (`low_precision_states`).
     `tokens_per_step`: the global batch in tokens (Sophia's Hessian scaling).
     Meshes are DeviceMesh objects or None: `replicate_mesh` (data-parallel replicas whose gradients the optimizer
     may sync itself), `outer_shard_mesh` (FSDP, shards rows), `inner_shard_mesh` (TP, shards columns).
@@ -183,7 +186,7 @@ class OptimizerContext:
     options: dict[str, Any] = field(default_factory=dict)
     scalar: str | None = None
     scalar_lr: float | None = None
-    mixed_precision: bool = False
+    state_dtype: torch.dtype = torch.float32
     tokens_per_step: int = 0
     replicate_mesh: Any = None
     outer_shard_mesh: Any = None

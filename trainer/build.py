@@ -8,7 +8,7 @@ from torch import nn
 from data import find_shards
 from data.corpus import ensure_embedded_corpus
 from models import model_package
-from optimizers.registry import OptimizerContext, build_optimizer, get_spec
+from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer, get_spec
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
 from trainer.errors import ConfigError, LayoutError
@@ -47,6 +47,9 @@ def check_layout(config: TrainConfig, env: Distributed) -> None:
     if env.fs > 1 and not get_spec(name).supports_sharding:
         raise LayoutError(f"parallel.fs_size: optimizer {name!r} does not support FSDP-sharded parameters; use "
                           f"fs_size 1 (DDP replicas) or another optimizer")
+    if config.precision.optimizer_states != "float32" and not get_spec(name).low_precision_states:
+        raise LayoutError(f"precision.optimizer_states: optimizer {name!r} keeps float32 states; bfloat16 states are "
+                          f"available for: {', '.join(n for n, s in OPTIMIZERS.items() if s.low_precision_states)}")
     if config.grad_clip > 0 and optimizer_syncs_replicas(config, env):
         raise LayoutError("grad_clip: not available while the optimizer syncs replicas itself "
                           "(parallel.replicate_mesh_grad_sync true with dp_size > 1); set it false")
@@ -59,7 +62,7 @@ def build_training_optimizer(model: nn.Module, config: TrainConfig, env: Distrib
     context = OptimizerContext.from_groups(
         model.param_groups(), model_dim=config.model.model_dim, options=dict(config.optimizer.options),
         scalar=config.optimizer.scalar.name, scalar_lr=config.optimizer.scalar.lr,
-        mixed_precision=config.mixed_precision, tokens_per_step=config.tokens_per_step,
+        state_dtype=getattr(torch, config.precision.optimizer_states), tokens_per_step=config.tokens_per_step,
         replicate_mesh=env.submesh("dp"), outer_shard_mesh=env.submesh("fs"), inner_shard_mesh=env.submesh("tp"),
         replicate_mesh_grad_sync=optimizer_syncs_replicas(config, env))
     try:

@@ -5,8 +5,9 @@
     optimizer:  `name`, `scalar` (what runs embeddings, norm gains, LM head) and the optimizer's own options: the
                 keyword arguments of its class (optimizers.registry.option_fields), each checked by its type here and
                 by the class itself on construction
-    schedule, parallel, checkpoint, logging: see the dataclasses below (each field has a one-line meaning)
-    top level:  seed, compile, mixed_precision, grad_clip, fused_backward, debug
+    schedule, parallel, checkpoint, logging, precision: see the dataclasses below (each field has a one-line
+                meaning)
+    top level:  seed, compile, grad_clip, fused_backward, debug
 
 Command line: `--section.key value` (values are YAML scalars: `--compile true`, `--optimizer.betas 0.9,0.95`,
 `--data.dir null`), `--config PATH`, and short aliases for everyday keys (ALIASES: `--lr`, `--optimizer NAME`,
@@ -105,6 +106,33 @@ class ParallelConfig:
             _require(value is None or value >= 1, f"parallel.{name}: must be a positive integer or null, got {value}")
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Each precision decision on its own key (they were one `mixed_precision` switch)."""
+    autocast: str = key("auto", "compute dtype of forward and backward (torch.autocast): auto (bfloat16 on CUDA, "
+                                "float32 on CPU), float32, bfloat16")
+    param_dtype: str = key("float32", "dtype FSDP2 gathers parameters in (MixedPrecisionPolicy.param_dtype)")
+    reduce_dtype: str = key("float32", "dtype FSDP2 reduces gradients in (MixedPrecisionPolicy.reduce_dtype)")
+    optimizer_states: str = key("float32", "dtype of the optimizer's states where it supports bfloat16 (Dion: "
+                                           "momentum and Q, and its Lion/AdamW momenta; variances stay float32)")
+
+    def __post_init__(self):
+        _require(self.autocast in ("auto", *DTYPES), f"precision.autocast: {self.autocast!r} is not one of auto, "
+                                                     f"{', '.join(DTYPES)}")
+        for name in ("param_dtype", "reduce_dtype", "optimizer_states"):
+            _require(getattr(self, name) in DTYPES, f"precision.{name}: {getattr(self, name)!r} is not one of "
+                                                    f"{', '.join(DTYPES)}")
+
+    def autocast_dtype(self, device_type: str):
+        """The torch dtype to autocast to on `device_type`, or None for float32."""
+        import torch
+        name = ("bfloat16" if device_type == "cuda" else "float32") if self.autocast == "auto" else self.autocast
+        return None if name == "float32" else getattr(torch, name)
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     dir: str | None = key(None, "where step_NNNNNNNN checkpoints go; null = run_dir/checkpoints")
@@ -169,10 +197,9 @@ class TrainConfig:
     parallel: ParallelConfig = key(ParallelConfig(), "device mesh")
     checkpoint: CheckpointConfig = key(CheckpointConfig(), "checkpoints")
     logging: LoggingConfig = key(LoggingConfig(), "outputs")
+    precision: PrecisionConfig = key(PrecisionConfig(), "dtypes of compute, FSDP2 communication, optimizer states")
     seed: int = key(0, "seed of the model initialization and the optimizers' random draws")
     compile: bool = key(False, "torch.compile each block")
-    mixed_precision: bool = key(False, "bf16 FSDP parameter gathers and bf16 optimizer states where supported "
-                                       "(Dion); CUDA only")
     grad_clip: float = key(0.0, "clip the global gradient norm to this; 0 = off")
     fused_backward: bool = key(False, "step each parameter during backward (the advanced family); needs one "
                                       "micro-batch per step")
@@ -199,7 +226,7 @@ class TrainConfig:
         out["optimizer"] = {"name": self.optimizer.name,
                             "scalar": _plain(dataclasses.asdict(self.optimizer.scalar)),
                             **_plain(self.optimizer.options)}
-        for section in ("schedule", "parallel", "checkpoint", "logging"):
+        for section in ("schedule", "parallel", "checkpoint", "logging", "precision"):
             out[section] = _plain(dataclasses.asdict(getattr(self, section)))
         for name in TOP_LEVEL:
             out[name] = getattr(self, name)
@@ -207,8 +234,8 @@ class TrainConfig:
 
 
 SECTIONS = {"data": DataConfig, "schedule": ScheduleConfig, "parallel": ParallelConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig}
-TOP_LEVEL = ("seed", "compile", "mixed_precision", "grad_clip", "fused_backward", "debug")
+            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "precision": PrecisionConfig}
+TOP_LEVEL = ("seed", "compile", "grad_clip", "fused_backward", "debug")
 
 # Short command-line spellings that stay valid (the CLI people already type) -> their dotted home.
 ALIASES = {
@@ -232,6 +259,7 @@ RENAMED = {
     "log_every": "logging.log_every", "no_wandb": "logging.wandb (inverted)",
     "wandb_project_name": "logging.wandb_project", "wandb_job_name": "logging.wandb_job_name",
     "replicate_mesh_grad_sync": "parallel.replicate_mesh_grad_sync",
+    "mixed_precision": "precision.param_dtype / precision.optimizer_states (bfloat16)",
 }
 
 

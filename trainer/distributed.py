@@ -126,9 +126,8 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimiz
             fsdp_mesh = env.mesh["dp", "fs"] if replicate_by_wrapper else env.mesh["fs"]
         else:  # TP with wrapper-synced replicas: shard over dp (same math as replicas, ZeRO-3 memory)
             fsdp_mesh = env.mesh["dp"]
-        policy = MixedPrecisionPolicy()
-        if env.device.type == "cuda" and config.mixed_precision:
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, config.precision.param_dtype),
+                                      reduce_dtype=getattr(torch, config.precision.reduce_dtype))
         for block in model.blocks:
             fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, shard_placement_fn=_fsdp_placement)
         fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, shard_placement_fn=_fsdp_placement)

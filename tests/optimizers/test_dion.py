@@ -414,7 +414,7 @@ def test_registry_builds_dion_with_scalar_groups_and_mixed_precision(name, cls):
     embedding, head = torch.nn.Parameter(torch.randn(32, 8)), torch.nn.Parameter(torch.randn(32, 8))
     gain = torch.nn.Parameter(torch.ones(8))
     ctx = OptimizerContext(matrix_params=matrices, embedding_params=[embedding], lm_head_params=[head],
-                           vector_params=[gain], model_dim=8, scalar="adamw", mixed_precision=True,
+                           vector_params=[gain], model_dim=8, scalar="adamw", state_dtype=torch.bfloat16,
                            options=dict(lr=0.02, rank_fraction=0.5, power_iters=2))
     spec = OPTIMIZERS[name]
     assert spec.syncs_replicate_grads and spec.supports_tensor_parallel

@@ -36,7 +36,8 @@ def test_dion_configs_select_the_documented_settings():
     dion = build_config(["--config", "configs/dion_160m.yaml", "--data_dir", "null"])
     options = dion.optimizer.options
     assert (dion.optimizer.name, options["rank_fraction"], options["qr_method"], dion.parallel.replicate_mesh_grad_sync,
-            dion.mixed_precision) == ("dion", 0.5, "rcqr", True, True)
+            dion.precision.param_dtype, dion.precision.optimizer_states) == ("dion", 0.5, "rcqr", True, "bfloat16",
+                                                                             "bfloat16")
     efficient = build_config(["--config", "configs/dion_efficient_160m.yaml", "--data_dir", "null"])
     assert (efficient.optimizer.options["qr_method"], efficient.optimizer.options["cqr_warmup_steps"]) == ("cqr", 150)
     assert build_config([]).optimizer.name == "dion"
