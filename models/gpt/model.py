@@ -34,11 +34,16 @@ class GPTConfig:
     n_head: int = field(default=6, metadata={"help": "attention heads (model_dim / n_head must be even)"})
     model_dim: int = field(default=768, metadata={"help": "width of the residual stream"})
     sequence_length: int = field(default=1024, metadata={"help": "tokens per training sequence (RoPE table size)"})
+    loss_chunk_tokens: int = field(default=0, metadata={"help": "compute the LM head and cross-entropy this many "
+                                                                "tokens at a time, recomputed in backward, so the full "
+                                                                "fp32 logits never exist; 0 = all at once"})
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layer", "n_head", "model_dim", "sequence_length"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be a positive integer, got {getattr(self, key)}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens: must be >= 0 (0 = off), got {self.loss_chunk_tokens}")
         if self.model_dim % self.n_head != 0:
             raise ValueError(f"model_dim: {self.model_dim} is not divisible by n_head={self.n_head}")
         if (self.model_dim // self.n_head) % 2 != 0:
@@ -124,6 +129,22 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _chunk_loss_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """mean_i CE(hidden_i W^T, target_i) over all tokens, `chunk_tokens` rows at a time. Each chunk's logits are
+    recomputed in backward (activation checkpointing), so at most one chunk of (chunk_tokens, vocab) float32 logits
+    exists at any time instead of (batch x seq, vocab). hidden: (..., d); targets: (...) int64; weight: (vocab, d)."""
+    from torch.utils.checkpoint import checkpoint
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        total = total + checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False)
+    return total / targets.numel()
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -153,7 +174,10 @@ class GPT(nn.Module):
         x = self.embed(inputs)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.final_norm(x)).float()
+        x = self.final_norm(x)
+        if targets is not None and self.config.loss_chunk_tokens:
+            return chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk_tokens)
+        logits = self.lm_head(x).float()
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

@@ -197,3 +197,25 @@ def test_model_equals_embedding_blocks_final_norm_and_head():
             x = reference_block(block, x, SMALL.n_head)
         expected = rms_norm(x, model.final_norm.weight) @ model.lm_head.weight.T
         torch.testing.assert_close(model(inputs), expected.float(), rtol=1e-5, atol=1e-5)  # logits are float32
+
+
+def test_chunked_cross_entropy_equals_the_full_loss_and_gradients():
+    """loss_chunk_tokens computes the LM head and the loss in chunks (never the full fp32 logits): same loss to 1e-6
+    and the same gradient for every parameter."""
+    import dataclasses
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=97, n_layer=2, n_head=2, model_dim=16, sequence_length=12)
+    full, chunked = GPT(config), GPT(dataclasses.replace(config, loss_chunk_tokens=7))  # 7 does not divide 2 x 12
+    chunked.load_state_dict(full.state_dict())
+    with torch.no_grad():  # every weight nonzero, so every gradient flows (the zero-initialized ones included)
+        for p in full.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    chunked.load_state_dict(full.state_dict())
+    tokens = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(2))
+    losses = [model(tokens[:, :-1], tokens[:, 1:]) for model in (full, chunked)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-6, abs=1e-6)
+    for loss in losses:
+        loss.backward()
+    for (name, p), q in zip(full.named_parameters(), chunked.parameters()):
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
