@@ -39,6 +39,7 @@ from trainer.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SCHEDULES = ("wsd", "cosine", "constant")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 def key(default: Any, meaning: str, **kwargs: Any) -> Any:
@@ -99,11 +100,16 @@ class ParallelConfig:
     tp_size: int | None = key(None, "tensor-parallel ranks (must divide the model's heads)")
     replicate_mesh_grad_sync: bool = key(True, "optimizers that sync replicas themselves (Dion's compressed P/R) "
                                                "do so; false = DDP/FSDP all-reduce full gradients")
+    activation_checkpointing: str = key("none", "recompute block activations in backward: none, full (every "
+                                                "block), selective (every second block)")
 
     def __post_init__(self):
         for name in ("dp_size", "fs_size", "tp_size"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"parallel.{name}: must be a positive integer or null, got {value}")
+        _require(self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+                 f"parallel.activation_checkpointing: {self.activation_checkpointing!r} is not one of "
+                 f"{', '.join(ACTIVATION_CHECKPOINTING)}")
 
 
 DTYPES = ("float32", "bfloat16")

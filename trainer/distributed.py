@@ -3,14 +3,15 @@
 Mesh: (dp, fs, tp) with names ("dp", "fs", "tp"). dp = data-parallel replicas, fs = FSDP shards, tp = tensor
 parallel. Data-parallel rank/size for the data loader come from the dp x fs sub-mesh (TP ranks read the same data).
 
-`parallelize` applies, in this fixed order: the model package's tensor-parallel plan (tp > 1), torch.compile (optional), then FSDP2
-`fully_shard` per block and at the root (fs > 1, or HSDP with dp > 1), or DDP when nothing is sharded. Which axis
-the gradient sync covers depends on `replicate_mesh_grad_sync`: when the optimizer syncs the replicas itself
+`parallelize` applies, in this fixed order: the model package's tensor-parallel plan (tp > 1), activation
+checkpointing (optional), torch.compile (optional), then FSDP2 `fully_shard` per block and at the root (fs > 1, or
+HSDP with dp > 1), or DDP when nothing is sharded. Which axis the gradient sync covers depends on `replicate_mesh_grad_sync`: when the optimizer syncs the replicas itself
 (Dion's compressed P/R sync), the dp axis is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime
 import os
 from dataclasses import dataclass
@@ -103,6 +104,18 @@ def _fsdp_placement(param: nn.Parameter):
     return Shard(0)
 
 
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute block activations in backward: every block ("full") or every second one ("selective", trading half
+    the memory saving for half the recompute). The block's forward runs under torch.utils.checkpoint, so parameter
+    names (and checkpoints) are the same with and without it."""
+    if mode == "none":
+        return
+    from torch.utils.checkpoint import checkpoint
+    for index, block in enumerate(model.blocks):
+        if mode == "full" or index % 2 == 0:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
 def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimizer_syncs_replicas: bool) -> nn.Module:
     """Apply the model's TP plan, compile and FSDP2/DDP as described in the module docstring. Returns the module to train."""
     if env.tp > 1:
@@ -114,6 +127,7 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimiz
             apply_tensor_parallel(model, env.mesh["tp"])
         except ValueError as error:
             raise LayoutError(str(error)) from None
+    apply_activation_checkpointing(model, config.parallel.activation_checkpointing)
     if config.compile:
         for block in model.blocks:
             block.compile()

@@ -1,4 +1,5 @@
-"""Precision keys (precision.autocast / param_dtype / reduce_dtype / optimizer_states) on CPU, so CI runs the bf16
+"""Precision and memory keys on CPU (precision.autocast / param_dtype / reduce_dtype / optimizer_states,
+parallel.activation_checkpointing, model.loss_chunk_tokens), so CI runs the bf16 and memory-saving
 paths: bf16 compute tracks float32 within a stated band, the FSDP2 bf16 policy works over gloo and tracks the
 single-process bf16 run, and bf16 optimizer states are refused by optimizers that do not have them.
 
@@ -64,3 +65,22 @@ def test_bad_dtype_names_the_key():
         build_config(["--precision.param_dtype", "fp8"])
     with pytest.raises(ConfigError, match="mixed_precision.*precision.param_dtype"):
         build_config(["--mixed_precision", "true"])
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_and_chunked_loss_leave_the_losses_unchanged(mode, float32_losses, tmp_path):
+    """Recomputation runs the same float32 ops again: the curve is identical, and so are the checkpoint's names."""
+    assert run_train(tmp_path, *STEPS, "--precision.autocast", "float32", "--n_layer", "2",
+                     "--parallel.activation_checkpointing", mode, "--model.loss_chunk_tokens", "48") == 0
+    assert run_train(tmp_path / "plain", *STEPS, "--precision.autocast", "float32", "--n_layer", "2") == 0
+    assert train_losses(tmp_path) == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_fsdp2_matches_one_process(tmp_path):
+    args = [*STEPS, "--n_layer", "2", "--parallel.activation_checkpointing", "full"]
+    assert run_train(tmp_path / "single", *args) == 0
+    result = torchrun(2, *TINY, "--run_dir", str(tmp_path / "fsdp"), *args, "--fs_size", "2",
+                      "--device_batch_size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "single"), rel=1e-5)
