@@ -16,13 +16,14 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 
 import torch
 
 from data import DistributedTokenLoader, ShardError, validation_batches
 from optimizers.common.hooks import training_hooks
-from trainer.build import (build_model, build_training_optimizer, check_layout, data_files, micro_batch_size,
-                           optimizer_syncs_replicas)
+from trainer.build import (build_model, build_training_optimizer, check_layout, data_files, describe_model,
+                           micro_batch_size, optimizer_syncs_replicas)
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, build_config, help_text
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed, no_gradient_sync,
@@ -31,7 +32,6 @@ from trainer.errors import ConfigError, UserError
 from trainer.metrics import RunLogger
 from trainer.runtime import keep_large_allocations_in_heap
 from trainer.schedule import build_scheduler, configured_hyperparameters, resume_schedule
-
 
 DIVERGENCE_MARGIN = 1.0  # nats above the first step's loss that a run must not reach
 
@@ -63,7 +63,15 @@ def gradient_norm(parameters) -> torch.Tensor:
     return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
 
 
-def run(config: TrainConfig, env: Distributed) -> None:
+@dataclass
+class Progress:
+    """Where the run is, for the line printed when it is interrupted."""
+    step: int = 0
+    last_checkpoint: str | None = None
+
+
+def run(config: TrainConfig, env: Distributed, progress: Progress | None = None) -> None:
+    progress = progress if progress is not None else Progress()
     check_layout(config, env)
     device_batch_size, accumulation = micro_batch_size(config, env)
     if config.fused_backward and accumulation > 1:
@@ -72,6 +80,8 @@ def run(config: TrainConfig, env: Distributed) -> None:
     train_files, val_files = data_files(config, env)
 
     model = build_model(config, env.device)
+    if env.is_main:
+        print(describe_model(model, config), flush=True)
     model = parallelize(model, config, env, optimizer_syncs_replicas(config, env))
     optimizer = build_training_optimizer(unwrap(model), config, env)
     hooks = training_hooks(optimizer)
@@ -89,12 +99,14 @@ def run(config: TrainConfig, env: Distributed) -> None:
     step, wandb_id, elapsed, tokens = 0, None, 0.0, 0
     num_iterations = config.schedule.num_iterations
     resume_from = latest_checkpoint(config.checkpoint_dir)
+    progress.last_checkpoint = resume_from.name if resume_from is not None else None
     if resume_from is not None:
         configured = configured_hyperparameters(optimizer)
         state = load_checkpoint(resume_from, model, optimizer, env)
         loader.load_state_dict(state["loader"])
         step, wandb_id, elapsed, tokens = state["step"], state["wandb_id"], state["elapsed"], state["tokens"]
         resume_schedule(optimizer, scheduler, configured, step)
+        progress.step = step
     if wandb_id is None and config.logging.wandb:
         wandb_id = broadcast_from_main(uuid.uuid4().hex[:8], env)
     logger = RunLogger(config, env.is_main, step, wandb_id)
@@ -109,10 +121,11 @@ def run(config: TrainConfig, env: Distributed) -> None:
     def checkpoint(at_step: int) -> None:
         hooks.eval()
         hooks.synchronize_for_checkpoint()
-        save_checkpoint(config.checkpoint_dir, at_step, model, optimizer,
-                        dict(step=at_step, wandb_id=logger.wandb_id, elapsed=elapsed, tokens=tokens,
-                             loader=loader.state_dict()),
-                        env, config.checkpoint.keep)
+        saved = save_checkpoint(config.checkpoint_dir, at_step, model, optimizer,
+                                dict(step=at_step, wandb_id=logger.wandb_id, elapsed=elapsed, tokens=tokens,
+                                     loader=loader.state_dict()),
+                                env, config.checkpoint.keep)
+        progress.last_checkpoint = saved.name
         hooks.train()
 
     def validate() -> float:
@@ -124,33 +137,29 @@ def run(config: TrainConfig, env: Distributed) -> None:
     val_loss_every, log_every = config.logging.val_loss_every, config.logging.log_every
     if step == 0 and val_loss_every > 0:
         logger.log(dict(step=0, val_loss=validate(), tokens=0, time=0.0))
-    progress = None
+    bar = None
     if env.is_main:
         from tqdm import tqdm
-        progress = tqdm(total=num_iterations, initial=step, desc=config.optimizer.name, dynamic_ncols=True)
+        bar = tqdm(total=num_iterations, initial=step, desc=config.optimizer.name, dynamic_ncols=True)
     tokens_per_step = config.tokens_per_step
     first_loss, warned_divergence = None, False
+    window_started, window_steps = time.perf_counter(), 0  # steps since the last host sync
     while step < num_iterations:
-        started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = torch.zeros((), device=env.device)
+        train_loss = torch.zeros((), device=env.device)  # stays on the device until a sync step
         for micro in range(accumulation):
             inputs, targets = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
             with no_gradient_sync(model, sync=micro == accumulation - 1), autocast():
                 loss = model(inputs, targets) / accumulation
             loss.backward()
             train_loss += loss.detach()
-        train_loss = all_reduce_mean(train_loss, env).item()
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"non-finite training loss {train_loss} at step {step + 1}; stopping without saving "
-                                f"(the last good checkpoint is kept). Lower lr or check the data")
-        first_loss = train_loss if first_loss is None else first_loss
-        if train_loss > first_loss + DIVERGENCE_MARGIN and not warned_divergence and env.is_main:
-            warned_divergence = True
-            print(f"warning: training loss {train_loss:.3f} at step {step + 1} is far above the first step's "
-                  f"{first_loss:.3f}: the run is diverging; lower optimizer.lr (now {config.optimizer.lr:g})",
-                  file=sys.stderr)
+        # Host syncs (.item(), collectives of the loss, cuda.synchronize) happen only on steps that log, validate or
+        # checkpoint; the loss is checked for non-finite values there, always before a checkpoint is written.
         log_now = (step + 1) % log_every == 0 or step + 1 == num_iterations
+        validate_now = val_loss_every > 0 and ((step + 1) % val_loss_every == 0 or step + 1 == num_iterations)
+        freq = config.checkpoint.freq
+        checkpoint_now = freq > 0 and ((step + 1) % freq == 0 or step + 1 == num_iterations)
+        sync_now = log_now or validate_now or checkpoint_now
         grad_norm = None
         if config.grad_clip > 0:
             grad_norm = gradient_norm(model.parameters())
@@ -171,36 +180,53 @@ def run(config: TrainConfig, env: Distributed) -> None:
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
+        progress.step = step
         tokens += tokens_per_step
+        window_steps += 1
+        if bar is not None:
+            bar.update(1)
+        if not sync_now:
+            continue
+        train_loss = all_reduce_mean(train_loss, env).item()
+        if not math.isfinite(train_loss):
+            raise TrainingError(f"non-finite training loss {train_loss} at step {step}; stopping without saving "
+                                f"(the last good checkpoint is kept). Lower lr or check the data")
+        first_loss = train_loss if first_loss is None else first_loss
+        if train_loss > first_loss + DIVERGENCE_MARGIN and not warned_divergence and env.is_main:
+            warned_divergence = True
+            print(f"warning: training loss {train_loss:.3f} at step {step} is far above the first logged "
+                  f"{first_loss:.3f}: the run is diverging; lower optimizer.lr (now {config.optimizer.lr:g})",
+                  file=sys.stderr)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
-        step_time = time.perf_counter() - started
-        elapsed += step_time
+        window = time.perf_counter() - window_started
+        elapsed += window
         record = dict(step=step, train_loss=train_loss, lr=lr, tokens=tokens, time=round(elapsed, 4),
-                      tokens_per_second=round(tokens_per_step / step_time, 1))
+                      tokens_per_second=round(window_steps * tokens_per_step / window, 1))
         if grad_norm is not None:
             record["grad_norm"] = grad_norm.item()
-        if val_loss_every > 0 and (step % val_loss_every == 0 or step == num_iterations):
+        if validate_now:
             record["val_loss"] = validate()
-        if log_now or "val_loss" in record:
-            logger.log(record)
-        if progress is not None:
+        logger.log(record)
+        if bar is not None:
             postfix = dict(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             if "val_loss" in record:
                 postfix["val"] = f"{record['val_loss']:.4f}"
-            progress.set_postfix(postfix, refresh=False)
-            progress.update(1)
-        freq = config.checkpoint.freq
-        if freq > 0 and (step % freq == 0 or step == num_iterations):
+            bar.set_postfix(postfix)
+        if checkpoint_now:
             checkpoint(step)
-    if progress is not None:
-        progress.close()
+        window_started, window_steps = time.perf_counter(), 0  # validation and saves are not training time
+    if bar is not None:
+        bar.close()
     logger.finish()
+    if env.is_main:
+        saved = f"; checkpoints in {config.checkpoint_dir}" if config.checkpoint.freq > 0 else ""
+        print(f"outputs: {logger.metrics_path}, {logger.run_dir / 'config.yaml'}{saved}")
 
 
 def main(argv: list[str]) -> int:
     is_main = os.environ.get("RANK", "0") == "0"
-    env = None
+    env, progress = None, Progress()
     try:
         if "-h" in argv or "--help" in argv:
             print(__doc__)
@@ -212,11 +238,16 @@ def main(argv: list[str]) -> int:
             keep_large_allocations_in_heap()
         if config.debug:
             torch.autograd.set_detect_anomaly(True)
-        run(config, env)
+        run(config, env, progress)
     except (UserError, ShardError, FileNotFoundError) as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"\ninterrupted at step {progress.step}; last checkpoint: {progress.last_checkpoint or 'none'}; "
+                  f"rerun the same command to resume", file=sys.stderr)
+        return 130
     except TrainingError as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)

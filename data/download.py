@@ -16,12 +16,17 @@ def download(repo_id: str, prefix: str, num_train: int, max_train: int, local_di
     from tqdm import tqdm
 
     names = [f"{prefix}_val_{0:06d}.bin"] + [f"{prefix}_train_{i:06d}.bin" for i in range(1, num_train + 1)]
+    existed = local_dir.exists()
     todo = [n for n in names if not (local_dir / n).exists()]
-    print(f"{repo_id}: {len(names) - len(todo)} of {len(names)} shards already in {local_dir}")
+    print(f"{repo_id}: {len(names) - len(todo)} of {len(names)} shards already in {local_dir}; fetching "
+          f"{len(todo)} (~{0.2 * len(todo):.1f} GB; pass a number of training shards to fetch fewer)", flush=True)
     for name in tqdm(todo, desc=f"downloading {repo_id}", unit="shard"):
         try:
             hf_hub_download(repo_id=repo_id, filename=name, repo_type="dataset", local_dir=local_dir)
         except Exception as error:  # the hub client raises many types for a missing network
+            if not existed and local_dir.is_dir() and not any(local_dir.glob(f"{prefix}_*.bin")):
+                import shutil
+                shutil.rmtree(local_dir)  # nothing was fetched: leave no empty directory behind
             offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
             reason = "HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {error}"
             raise SystemExit(f"error: could not download {name} from {repo_id} ({reason}). This needs network access "

@@ -39,6 +39,7 @@ from optimizers.common import foreach_tiles
 from optimizers.common.closure import closure_loss
 from optimizers.common.hooks import TrainingHooks
 from optimizers.common.param_groups import CheckedParamGroups
+from optimizers.common.tensors import local_gradient
 
 UpdateResult = tuple[Tensor, float, float] | None
 
@@ -155,7 +156,7 @@ class AdvancedOptimizer(CheckedParamGroups, Optimizer, TrainingHooks):
             self._init_state(param, local, state, group)
         state["step"] += 1
         reducer = ShardReducer(shard_groups(param))
-        grad = local_tensor(param.grad).float()
+        grad = local_gradient(param).float()
         tiles = self._cache_tiles(param, local, grad, state)
         if tiles is not None:
             for local_tile, grad_tile, state_tile in tiles:

@@ -33,14 +33,15 @@ from optimizers.common.closure import closure_loss
 from optimizers.common.hooks import TrainingHooks
 from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.common.scalar_updates import adamw_update, lion_update
-from optimizers.common.tensors import local_tensor
+from optimizers.common.tensors import local_gradient, local_tensor
 from optimizers.dion.distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
                                          as_like, group_size, matrix_layout, process_group, q_placements, run_blocking)
-from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sketch, gram, householder_orthonormalize,
-                                    initial_q, low_rank_dim, nonzero_and_finite, sketch_rows, sketch_triangular_factor,
-                                    solve_right_upper)
+from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sketch, gram, gram_near_identity,
+                                    householder_orthonormalize, initial_q, low_rank_dim, nonzero_and_finite,
+                                    sketch_rows, sketch_triangular_factor, solve_right_upper)
 
 DION = "dion"  # the param-group algorithm of the matrices
+
 
 class QRMethod(str, Enum):
     """How P is orthonormalized (see optimizers/dion/linalg.py). The Cholesky-based methods fall back when the factor
@@ -159,7 +160,15 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         valid = nonzero_and_finite(G)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
         if bool((usable | ~valid).all()):
-            return solve_right_upper(P, R), valid
+            # CholeskyQR2: the first pass leaves |P1^T P1 - I| ~ eps cond(P)^2; a second pass on P1 (cond ~ 1)
+            # restores orthonormality to round-off, provided the first pass was close (else fall back).
+            P1 = solve_right_upper(P, R)
+            G1 = gram(P1)
+            yield all_reduce(G1, layout.row_group)
+            R, usable = cholesky_upper(torch.where(valid[:, None, None], G1, 0.0))
+            usable &= gram_near_identity(G1)
+            if bool((usable | ~valid).all()):
+                return solve_right_upper(P1, R), valid
         qr_method = QRMethod.RCQR
     if qr_method is QRMethod.RCQR and rows > rank:
         k = sketch_rows(rank, oversample)
@@ -309,14 +318,12 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
     def _matrix_task(self, p: Tensor, group: dict) -> MatrixTask:
         layout = self._layout(p)
         state = self._matrix_state(p, group, layout)
-        grad = p.grad
-        if isinstance(grad, DTensor) and grad.placements != p.placements:
-            grad = grad.redistribute(p.device_mesh, p.placements)
+        grad = local_gradient(p)
         qr_method = self._qr_method
         if qr_method is QRMethod.CQR and group["step"] <= self._cqr_warmup_steps:
             qr_method = QRMethod.RCQR  # Cholesky QR only once the momentum is well-conditioned
         rank = state["Q"].shape[1]
-        return MatrixTask(param=local_tensor(p), grad=local_tensor(grad), momentum=local_tensor(state["momentum"]),
+        return MatrixTask(param=local_tensor(p), grad=grad, momentum=local_tensor(state["momentum"]),
                           Q=local_tensor(state["Q"]), layout=layout, lr=group["lr"], mu=group["mu"],
                           weight_decay=group["weight_decay"], epsilon=group["epsilon"], qr_method=qr_method,
                           compressed=layout.compressed(self._replicate_group, rank), step=group["step"])
@@ -325,7 +332,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
     def _scalar_gradients(self, params: list[Tensor]) -> Callable[[], list[Tensor]]:
         """Start averaging the scalar-algorithm gradients over the replicas (when the optimizer owns that sync: one
         all-reduce per dtype over a flat buffer); the returned function waits and gives the local gradients."""
-        grads = [local_tensor(p.grad) for p in params]
+        grads = [local_gradient(p) for p in params]
         if self._replicate_group is None or not grads:
             return lambda: grads
         by_dtype: dict[torch.dtype, list[int]] = {}

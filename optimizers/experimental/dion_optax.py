@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from optimizers.experimental.dion_reference_optax import (DionOptions, check_matrices, cholesky_qr, column_normalize,
+from optimizers.experimental.dion_reference_optax import (DionOptions, check_matrices, cholesky_qr2, column_normalize,
                                                            householder_orthonormalize, initial_q, matrix_rank,
                                                            nonzero_and_finite, randomized_cholesky_qr, resolve_labels,
                                                            seed_keys, update_scale)
@@ -72,7 +72,7 @@ def orthonormalize_batch(P: jax.Array, valid: jax.Array, keys: jax.Array, use_cq
         return rcqr()
 
     def cqr():
-        Q, usable = jax.vmap(cholesky_qr)(P)
+        Q, usable = jax.vmap(cholesky_qr2)(P)
         return with_fallback(Q, usable, rcqr)
 
     return jax.lax.cond(use_cqr, cqr, rcqr)

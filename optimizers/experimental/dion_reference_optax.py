@@ -35,6 +35,8 @@ SKETCH_ROW_MULTIPLE = 128
 # A Cholesky factor whose smallest diagonal entry is below this fraction of its largest describes a numerically
 # rank-deficient P: the Cholesky-based methods then fall back (cqr -> rcqr -> Householder QR), as in PyTorch.
 CHOLESKY_MIN_DIAGONAL_RATIO = 1e-3
+# CholeskyQR2 accepts its first pass when max |Q1^T Q1 - I| is at most this (optimizers/dion/linalg.py explains).
+CHOLESKY_QR2_MAX_GRAM_ERROR = 0.1
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,17 @@ def cholesky_qr(P: jax.Array) -> tuple[jax.Array, jax.Array]:
     return right_solve_upper(P, R), usable
 
 
+def cholesky_qr2(P: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """CholeskyQR2 (float32): Cholesky QR twice, Q1 = cholesky_qr(P), Q = cholesky_qr(Q1); usable when both factors
+    are and max |Q1^T Q1 - I| <= CHOLESKY_QR2_MAX_GRAM_ERROR. One pass leaves |Q^T Q - I| ~ eps cond(P)^2 (0.5 at
+    cond 1e4); the second restores orthonormality to round-off when the first was close."""
+    Q1, usable = cholesky_qr(P)
+    G1 = Q1.T @ Q1
+    R2, usable2 = cholesky_upper(G1)
+    near_identity = jnp.max(jnp.abs(G1 - jnp.eye(G1.shape[0], dtype=G1.dtype))) <= CHOLESKY_QR2_MAX_GRAM_ERROR
+    return right_solve_upper(Q1, R2), usable & usable2 & near_identity
+
+
 def randomized_cholesky_qr(P: jax.Array, key: jax.Array, oversample: float) -> tuple[jax.Array, jax.Array]:
     """Randomized Cholesky QR (Dion paper, Algorithm 2), float32, P: m x r with m > r:
 
@@ -198,7 +211,7 @@ def orthonormalize(P: jax.Array, qr_method: str, use_cqr: jax.Array, key: jax.Ar
         return rcqr()
 
     def cqr():
-        Q, usable = cholesky_qr(P)
+        Q, usable = cholesky_qr2(P)
         return jax.lax.cond(usable, lambda: Q, rcqr)
 
     return jax.lax.cond(use_cqr, cqr, rcqr)

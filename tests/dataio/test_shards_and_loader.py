@@ -133,3 +133,18 @@ def test_embedded_corpus_builds_offline_with_disjoint_train_and_val(tmp_path):
 def test_markdown_markup_is_stripped():
     text = markdown_to_text("# Hamlet\n\n**HAMLET**  \n_Enter Ghost_\nTo be, or not to be  \n")
     assert text == "Hamlet\n\nHAMLET\nEnter Ghost\nTo be, or not to be\n"
+
+
+def test_failed_download_says_how_much_it_would_fetch_and_leaves_no_empty_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    target = tmp_path / "fineweb10B"
+    result = subprocess.run([sys.executable, "data/cached_fineweb10B.py", "--local_dir", str(target)], cwd=root,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert "fetching 104 (~20.8 GB; pass a number of training shards to fetch fewer)" in result.stdout
+    assert "error: could not download fineweb_val_000000.bin" in result.stderr and "Traceback" not in result.stderr
+    assert not target.exists()

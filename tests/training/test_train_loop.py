@@ -10,7 +10,7 @@ from tests.training.helpers import read_metrics, run_train, train_losses
 from trainer.checkpoint import latest_checkpoint
 
 
-def test_run_writes_metrics_and_resolved_config(tmp_path):
+def test_run_writes_metrics_and_resolved_config(tmp_path, capsys):
     assert run_train(tmp_path, "--optimizer", "adamw", "--lr", "0.01", "--num_iterations", "4",
                      "--val_loss_every", "2") == 0
     records = read_metrics(tmp_path)
@@ -23,6 +23,9 @@ def test_run_writes_metrics_and_resolved_config(tmp_path):
     assert saved["optimizer"]["name"] == "adamw" and saved["optimizer"]["lr"] == 0.01
     assert saved["schedule"]["num_iterations"] == 4 and saved["model"]["model_dim"] == 32
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
+    out = capsys.readouterr().out
+    assert "parameters = 1,609,728 embedding + " in out and "MFLOPs/token (training); 128 tokens/step" in out
+    assert f"outputs: {tmp_path / 'metrics.jsonl'}" in out
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
@@ -61,8 +64,7 @@ def test_kill_during_save_keeps_previous_checkpoint_loadable(tmp_path, monkeypat
         return real_save(state, checkpoint_id=checkpoint_id)
 
     monkeypatch.setattr(trainer.checkpoint.dcp, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tmp_path / "run", *args)
+    assert run_train(tmp_path / "run", *args) == 130  # interrupted (Ctrl-C) inside the save
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "step_00000004.tmp").exists()
     assert latest_checkpoint(checkpoints).name == "step_00000002"
@@ -146,3 +148,45 @@ def test_diverging_run_warns_once(tmp_path, capsys):
                      "--checkpoint_freq", "0") in (0, 3)
     err = capsys.readouterr().err
     assert err.count("warning: training loss") == 1 and "lower optimizer.lr (now 3)" in err
+
+
+def test_ctrl_c_prints_where_the_run_stopped_and_exits_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.training.helpers import ROOT, TINY
+    command = [sys.executable, "train.py", *TINY, "--run_dir", str(tmp_path), "--optimizer", "adamw",
+               "--num_iterations", "100000", "--checkpoint_freq", "2"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "checkpoints" / "step_00000004").exists():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    line = [line for line in err.splitlines() if line.startswith("interrupted at step")]
+    assert len(line) == 1 and "last checkpoint: step_000000" in line[0] and "rerun the same command" in line[0]
+
+
+def test_steps_that_do_not_log_make_no_host_sync(tmp_path, monkeypatch):
+    """.item() (a host sync on GPUs) only on logging steps: 6 steps logged every 6, 3 and 1 steps make 1, 2 and 6
+    times the syncs of one logging step, so a non-logging step makes none."""
+    import torch
+    calls = {"n": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        calls["n"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    counts = {}
+    for every in (6, 3, 1):
+        calls["n"] = 0
+        assert run_train(tmp_path / str(every), "--optimizer", "adamw", "--num_iterations", "6", "--checkpoint_freq",
+                         "0", "--logging.log_every", str(every)) == 0
+        counts[every] = calls["n"]
+    assert counts[6] > 0 and counts[3] == 2 * counts[6] and counts[1] == 6 * counts[6], counts

@@ -1,4 +1,5 @@
-"""scripts/optimizer_memory.py on a small GPT: parameter split, state byte counting, feature combinations."""
+"""scripts/optimizer_memory.py on a small GPT: the model's parameter groups, state byte counting, feature
+combinations."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,10 +28,12 @@ def model():
     return GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, model_dim=16, sequence_length=8))
 
 
-def test_split_covers_every_parameter_once(memory_script, model):
-    groups = memory_script.split_parameters(model)
+def test_the_models_param_groups_cover_every_parameter_once(model):
+    groups = model.param_groups()
     ids = [id(p) for params in groups.values() for p in params]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert {id(p) for p in groups["matrix"]} == {id(p) for p in model.blocks.parameters() if p.ndim == 2}
+    assert [len(groups[k]) for k in ("embedding", "lm_head")] == [1, 1]
 
 
 def test_adamw_state_is_eight_bytes_per_parameter_plus_step_counters(memory_script, model):

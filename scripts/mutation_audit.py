@@ -1,0 +1,104 @@
+"""Hand-written mutation audit: apply one deliberate one-line bug at a time, run the tests meant to catch it, and
+report which bugs the suite catches (docs/testing.md records the results).
+
+    python scripts/mutation_audit.py                 # every mutation
+    python scripts/mutation_audit.py model cqr       # the mutations whose id contains one of these words
+
+Each mutation names a file, an exact snippet that must occur once, its replacement, and the tests to run. The file
+is restored after each run (also on Ctrl-C). A mutation is "caught" when the tests fail.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    id: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MODEL = "tests/models/test_gpt.py"
+SCALAR_MIXED = "tests/optimizers/test_scalar_mixed_precision.py"
+SU = "optimizers/common/scalar_updates.py"
+MUTATIONS = [
+    Mutation("model-non-causal", "models/gpt.py", "is_causal=True", "is_causal=False", (MODEL,)),
+    Mutation("model-rope-on-v", "models/gpt.py",
+             "v = self.v(x).view(batch, seq_len, -1, self.head_dim)",
+             "v = self.rotary(self.v(x).view(batch, seq_len, -1, self.head_dim))", (MODEL,)),
+    Mutation("model-no-qk-norm", "models/gpt.py", "self.rotary(self.q_norm(q))", "self.rotary(q)", (MODEL,)),
+    Mutation("model-rope-sign", "models/gpt.py", "x2 * cos - x1 * sin", "x2 * cos + x1 * sin", (MODEL,)),
+    Mutation("model-rope-absolute", "models/gpt.py", "cos, sin = self.cos[:, :seq_len]",
+             "cos, sin = self.cos[:, 1:seq_len + 1]", (MODEL,)),
+    Mutation("model-relu-not-squared", "models/gpt.py", "F.relu(self.fc(x)).square()", "F.relu(self.fc(x))",
+             (MODEL,)),
+    Mutation("model-post-norm", "models/gpt.py", "x = x + self.attn(self.attn_norm(x))",
+             "x = self.attn_norm(x + self.attn(x))", (MODEL,)),
+    Mutation("model-head-not-zero", "models/gpt.py", "nn.init.zeros_(self.lm_head.weight)", "pass", (MODEL,)),
+    Mutation("model-no-final-norm", "models/gpt.py", "self.lm_head(self.final_norm(x))", "self.lm_head(x)",
+             (MODEL,)),
+    # bf16-state (mixed dtype) path of the scalar updates
+    Mutation("scalar-adamw-mixed-beta1-as-beta2", SU, "m32.lerp_(g32, 1.0 - beta1)", "m32.lerp_(g32, 1.0 - beta2)",
+             (SCALAR_MIXED,)),
+    Mutation("scalar-adamw-mixed-beta2-as-beta1", SU, "v32.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)",
+             "v32.mul_(beta1).addcmul_(g32, g32, value=1.0 - beta1)", (SCALAR_MIXED,)),
+    Mutation("scalar-adamw-mixed-no-bias-correction2", SU, "update = m32 / (v32.sqrt() / bias_correction2_sqrt + epsilon)",
+             "update = m32 / (v32.sqrt() + epsilon)", (SCALAR_MIXED,)),
+    Mutation("scalar-adamw-mixed-no-bias-correction1", SU, "p32.add_(update, alpha=-step_size)",
+             "p32.add_(update, alpha=-lr)", (SCALAR_MIXED,)),
+    Mutation("scalar-adamw-mixed-no-weight-decay", SU,
+             "p32.mul_(1.0 - lr * weight_decay)\n        p32.add_(update, alpha=-step_size)",
+             "p32.add_(update, alpha=-step_size)", (SCALAR_MIXED,)),
+    Mutation("scalar-adamw-mixed-variance-not-stored", SU, "        v.copy_(v32)", "        pass", (SCALAR_MIXED,)),
+    Mutation("scalar-lion-mixed-beta2-in-update", SU, "update = m32.lerp(g32, 1.0 - beta1).sign_()",
+             "update = m32.lerp(g32, 1.0 - beta2).sign_()", (SCALAR_MIXED,)),
+    Mutation("scalar-lion-mixed-beta1-in-momentum", SU, "m.copy_(m32.lerp_(g32, 1.0 - beta2))",
+             "m.copy_(m32.lerp_(g32, 1.0 - beta1))", (SCALAR_MIXED,)),
+]
+
+
+def run(mutation: Mutation, timeout: int) -> tuple[str, float]:
+    path = ROOT / mutation.path
+    original = path.read_text()
+    if original.count(mutation.old) != 1:
+        return f"ERROR: snippet occurs {original.count(mutation.old)} times", 0.0
+    started = time.perf_counter()
+    try:
+        path.write_text(original.replace(mutation.old, mutation.new))
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 *mutation.tests], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        verdict = "caught" if result.returncode != 0 else "MISSED"
+    except subprocess.TimeoutExpired:
+        verdict = "caught (timeout)"
+    finally:
+        path.write_text(original)
+    return verdict, time.perf_counter() - started
+
+
+def main(words: list[str]) -> int:
+    selected = [m for m in MUTATIONS if not words or any(w in m.id for w in words)]
+    baseline = sorted({test for m in selected for test in m.tests})
+    if subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *baseline], cwd=ROOT,
+                      capture_output=True).returncode != 0:
+        print(f"the unmutated tests fail: {' '.join(baseline)}")
+        return 2
+    missed = 0
+    for mutation in selected:
+        verdict, seconds = run(mutation, timeout=900)
+        missed += not verdict.startswith("caught")
+        print(f"{mutation.id:40s} {verdict:18s} {seconds:6.1f}s  {' '.join(mutation.tests)}", flush=True)
+    print(f"{len(selected) - missed} of {len(selected)} caught")  # MISSED and ERROR count as not caught
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
