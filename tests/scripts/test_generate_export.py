@@ -45,6 +45,23 @@ def test_generate_with_a_seed_is_deterministic_and_returns_max_new_tokens(traine
     assert draw(2) != first  # the seed is what makes it repeatable, not a degenerate distribution
 
 
+def test_sampling_never_draws_the_padding_ids_of_the_embedding():
+    def padding_favoured(tokens):  # a model that puts nearly all mass on ids >= 50257 (vocab padded to 50304)
+        logits = torch.zeros(1, tokens.size(1), 50304)
+        logits[..., 50257:] = 100.0
+        return logits
+
+    for temperature in (0.0, 1.0):
+        assert max(generate.sample(padding_favoured, [1], 5, 32, 50304, temperature=temperature)) < 50257
+
+
+def test_top_k_1_is_greedy(trained_run):
+    config, model, _ = generate.load_run(trained_run)
+    draw = lambda **options: generate.sample(model, [10, 20], 6, config.model.sequence_length,
+                                             config.model.vocab_size, **options)
+    assert draw(temperature=1.0, top_k=1, seed=5) == draw(temperature=0.0)
+
+
 def test_generate_loads_the_trained_weights_not_the_initialization(trained_run):
     config, model, _ = generate.load_run(trained_run)
     fresh = build_model(config)
