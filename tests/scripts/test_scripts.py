@@ -186,6 +186,14 @@ def test_plot_marks_runs_short_of_their_plan_or_of_the_longest_run(tmp_path, cap
     assert status == {"done": "finished", "stopped": "unfinished", "short": "unfinished"}
 
 
+def test_plot_runs_that_all_stopped_early_are_all_unfinished(tmp_path):
+    for name in ("a", "b"):
+        write_metrics(tmp_path / name, [10.0, 8.0, 7.0], 0.1, planned=100)  # as long as each other, 20 of 100
+    runs = [plot_curves.read_run(tmp_path / name) for name in ("a", "b")]
+    plot_curves.mark_unfinished(runs)
+    assert [run.finished for run in runs] == [False, False]
+
+
 def test_zoom_leaves_an_outlier_off_scale_and_shows_the_band_where_runs_end():
     band = {f"run{i}": [10.8, 7.5, 6.2 + 0.1 * i] for i in range(5)}  # finals 6.2 .. 6.6
     (low, high), off_scale = plot_curves.zoomed_range({**band, "lion": [10.8, 9.9, 9.8]})
