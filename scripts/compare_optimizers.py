@@ -2,7 +2,7 @@
 
     python scripts/compare_optimizers.py                                  # configs/compare/small.yaml, every run
     python scripts/compare_optimizers.py --only adamw muon dion_r1 --dry-run
-    python scripts/plot_curves.py runs/compare/* --output docs/figures/compare_small
+    python scripts/plot_curves.py runs/compare/*                             # -> runs/plots/curves_*.png
     python scripts/compare_optimizers.py --base configs/dion_160m.yaml --runs configs/compare/160m_runs.yaml \
         --output runs/compare_160m --launcher "torchrun --standalone --nproc_per_node=8"     # GPUs, FineWeb 10B
 

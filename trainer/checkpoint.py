@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from trainer.distributed import Distributed
@@ -79,13 +80,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     restore_rng = rng_key in saved_keys
     if restore_rng:
         state[rng_key] = torch.get_rng_state()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-    except Exception as error:  # DCP raises CheckpointException wrapping per-rank errors
-        raise RuntimeError(f"checkpoint {path}: cannot load into this model/optimizer/layout "
-                           f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
+    _load(state, path, "this model/optimizer/layout")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     trainer_state = json.loads(state["trainer"])
     if restore_rng and trainer_state.get("world_size") == env.world_size:
@@ -112,11 +107,18 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     The checkpoint may come from any layout (DDP, FSDP2, TP, HSDP): DCP stores each parameter once under its
     fully-qualified name and reassembles the shards into the full tensors of `model`."""
     state = {"model": model.state_dict()}
+    _load(state, path, "this model")
+    model.load_state_dict(state["model"])
+
+
+def _load(state: dict[str, Any], path: Path, into: str) -> None:
+    """dcp.load in place (single-process loads are intended); a failure is a CheckpointError naming `path`."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path))
-    except Exception as error:  # DCP raises CheckpointException wrapping per-rank errors
-        raise CheckpointError(f"checkpoint {path}: cannot load into this model "
+    except (Exception, CheckpointException) as error:  # CheckpointException (per-rank errors) is a BaseException
+        if isinstance(error, CheckpointException) and error.failures:
+            error = next(iter(error.failures.values()))[0]  # the first rank's own error says what is wrong
+        raise CheckpointError(f"checkpoint {path}: cannot load into {into} "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
-    model.load_state_dict(state["model"])

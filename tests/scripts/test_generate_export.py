@@ -45,6 +45,23 @@ def test_generate_with_a_seed_is_deterministic_and_returns_max_new_tokens(traine
     assert draw(2) != first  # the seed is what makes it repeatable, not a degenerate distribution
 
 
+def test_sampling_never_draws_the_padding_ids_of_the_embedding():
+    def padding_favoured(tokens):  # a model that puts nearly all mass on ids >= 50257 (vocab padded to 50304)
+        logits = torch.zeros(1, tokens.size(1), 50304)
+        logits[..., 50257:] = 100.0
+        return logits
+
+    for temperature in (0.0, 1.0):
+        assert max(generate.sample(padding_favoured, [1], 5, 32, 50304, temperature=temperature)) < 50257
+
+
+def test_top_k_1_is_greedy(trained_run):
+    config, model, _ = generate.load_run(trained_run)
+    draw = lambda **options: generate.sample(model, [10, 20], 6, config.model.sequence_length,
+                                             config.model.vocab_size, **options)
+    assert draw(temperature=1.0, top_k=1, seed=5) == draw(temperature=0.0)
+
+
 def test_generate_loads_the_trained_weights_not_the_initialization(trained_run):
     config, model, _ = generate.load_run(trained_run)
     fresh = build_model(config)
@@ -68,15 +85,30 @@ def test_generate_context_is_cropped_to_the_sequence_length(trained_run):
                                temperature=0)) == 2
 
 
-@pytest.mark.parametrize("make_args, words", [
-    (lambda tmp: ["--run_dir", str(tmp / "missing")], "has no config.yaml"),
-    (lambda tmp: ["--run_dir", str(tmp), "--checkpoint", str(tmp / "nowhere")], "no complete checkpoint"),
+def copy_config(run_dir: Path, to: Path, *replace: tuple[str, str]) -> None:
+    text = (run_dir / "config.yaml").read_text()
+    for old, new in replace:
+        assert old in text
+        text = text.replace(old, new)
+    to.mkdir(exist_ok=True)
+    (to / "config.yaml").write_text(text)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no run directory", "has no config.yaml"),
+    ("no checkpoint", "no complete checkpoint"),
+    ("another model shape", "cannot load into this model"),
 ])
-def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, capsys, make_args, words):
-    if "--checkpoint" in make_args(tmp_path):
-        (tmp_path / "config.yaml").write_text((trained_run / "config.yaml").read_text())
+def test_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, capsys, case, words):
+    run_dir = tmp_path / "run"
+    arguments = ["--run_dir", str(run_dir)]
+    if case == "no checkpoint":
+        copy_config(trained_run, run_dir)
+    elif case == "another model shape":
+        copy_config(trained_run, run_dir, ("n_layer: 1", "n_layer: 2"))
+        arguments += ["--checkpoint", str(trained_run / "checkpoints")]
     for main in (generate.main, export_checkpoint.main):
-        assert main(make_args(tmp_path)) == 2
+        assert main(arguments) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
 

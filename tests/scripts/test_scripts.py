@@ -1,6 +1,6 @@
 """Smoke and closed-form tests of the measurement scripts: bench_optimizers (FLOP and state-byte models, a one-repeat
-run on a micro preset), compare_optimizers (dry run, skipping, valid train.py configs) and plot_curves (PNG from
-metrics.jsonl and wandb CSV). No timings are asserted."""
+run on a micro preset), compare_optimizers (dry run, skipping, valid train.py configs) and plot_curves (PNGs from
+metrics.jsonl and wandb CSV, unfinished runs, zoom, default output under runs/). No timings are asserted."""
 from __future__ import annotations
 
 import json
@@ -134,26 +134,83 @@ def test_compare_unknown_run_name_is_a_clean_error(capsys):
 
 # ---------------------------------------------------------------- plot_curves
 
-def write_metrics(run_dir: Path, losses: list[float], seconds_per_step: float) -> None:
+def write_metrics(run_dir: Path, losses: list[float], seconds_per_step: float, planned: int | None = None) -> None:
     run_dir.mkdir(parents=True)
     records = []
     for i, loss in enumerate(losses):
         step = 10 * i
-        records.append({"step": step, "train_loss": loss + 0.1, "tokens": 64 * step, "time": step * seconds_per_step})
+        records.append({"step": step, "train_loss": loss + 0.1, "lr": 0.01 * (1 - i / 10), "tokens": 64 * step,
+                        "time": step * seconds_per_step})
         records.append({"step": step, "val_loss": loss, "time": step * seconds_per_step})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if planned is not None:
+        (run_dir / "config.yaml").write_text(f"schedule:\n  num_iterations: {planned}\n")
 
 
-def test_plot_draws_two_pngs_and_ranks_runs_by_final_loss(tmp_path, capsys):
-    write_metrics(tmp_path / "fast", [10.0, 8.0, 6.0], 0.5)
-    write_metrics(tmp_path / "slow", [10.0, 9.0, 8.5], 0.2)
+def summary_rows(output: str, *names: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in output.splitlines()
+            if any(line.startswith(f"| {name} |") for name in names)]
+
+
+def test_plot_draws_val_train_and_lr_pngs_and_ranks_runs_by_final_loss(tmp_path, capsys):
+    write_metrics(tmp_path / "fast", [10.0, 8.0, 6.0], 0.5, planned=20)
+    write_metrics(tmp_path / "slow", [10.0, 9.0, 8.5], 0.2, planned=20)
     prefix = tmp_path / "figures" / "curves"
     assert plot_curves.main([str(tmp_path / "fast"), str(tmp_path / "slow"), "--output", str(prefix)]) == 0
-    for suffix in ("_val_vs_step.png", "_val_vs_time.png"):
+    for suffix in ("_val_vs_step.png", "_val_vs_time.png", "_train_vs_step.png", "_lr_vs_step.png"):
         assert Path(f"{prefix}{suffix}").read_bytes()[:8] == PNG_MAGIC
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fast") or
-            line.startswith("| slow")]
-    assert rows == ["| fast | 20 | 6.0000 | 6.0000 | 10 |", "| slow | 20 | 8.5000 | 8.5000 | 4 |"]
+    assert summary_rows(capsys.readouterr().out, "fast", "slow") == [
+        ["fast", "20", "20", "finished", "6.0000", "6.0000", "6.1000", "10"],
+        ["slow", "20", "20", "finished", "8.5000", "8.5000", "8.6000", "4"]]
+
+
+def test_plot_writes_under_runs_by_default_never_docs(tmp_path, monkeypatch):
+    write_metrics(tmp_path / "run", [10.0, 8.0], 0.1)
+    monkeypatch.chdir(tmp_path)
+    assert plot_curves.main([str(tmp_path / "run")]) == 0
+    assert (tmp_path / "runs" / "plots" / "curves_val_vs_step.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "docs").exists()
+
+
+def test_plot_marks_runs_short_of_their_plan_or_of_the_longest_run(tmp_path, capsys):
+    write_metrics(tmp_path / "done", [10.0, 8.0, 7.0, 6.5], 0.1, planned=30)
+    write_metrics(tmp_path / "stopped", [10.0, 8.5], 0.1, planned=30)  # killed at step 10 of 30
+    write_metrics(tmp_path / "short", [10.0, 8.2, 7.5], 0.1)  # no config.yaml: 20 < the longest run's 30
+    runs = [plot_curves.read_run(tmp_path / name) for name in ("done", "stopped", "short")]
+    plot_curves.mark_unfinished(runs)
+    assert [run.finished for run in runs] == [True, False, False]
+    assert plot_curves.label(runs[1]) == "stopped (unfinished: step 10 of 30)"
+    assert plot_curves.main([str(tmp_path / n) for n in ("done", "stopped", "short")] +
+                            ["--output", str(tmp_path / "p")]) == 0
+    status = {row[0]: row[3] for row in summary_rows(capsys.readouterr().out, "done", "stopped", "short")}
+    assert status == {"done": "finished", "stopped": "unfinished", "short": "unfinished"}
+
+
+def test_plot_runs_that_all_stopped_early_are_all_unfinished(tmp_path):
+    for name in ("a", "b"):
+        write_metrics(tmp_path / name, [10.0, 8.0, 7.0], 0.1, planned=100)  # as long as each other, 20 of 100
+    runs = [plot_curves.read_run(tmp_path / name) for name in ("a", "b")]
+    plot_curves.mark_unfinished(runs)
+    assert [run.finished for run in runs] == [False, False]
+
+
+def test_zoom_leaves_an_outlier_off_scale_and_shows_the_band_where_runs_end():
+    band = {f"run{i}": [10.8, 7.5, 6.2 + 0.1 * i] for i in range(5)}  # finals 6.2 .. 6.6
+    (low, high), off_scale = plot_curves.zoomed_range({**band, "lion": [10.8, 9.9, 9.8]})
+    assert off_scale == ["lion"]
+    assert 6.0 < low < 6.2 and 6.6 < high < 8.0  # the band fills at least a fifth of the axis
+    assert plot_curves.zoomed_range(band) == ((low, high), [])  # the outlier does not move the range
+
+
+def test_plot_names_the_off_scale_run_and_full_range_keeps_it(tmp_path, capsys):
+    for i in range(4):
+        write_metrics(tmp_path / f"run{i}", [10.8, 7.5, 6.2 + 0.1 * i], 0.1)
+    write_metrics(tmp_path / "lion", [10.8, 9.9, 9.8], 0.1)
+    runs = [str(p) for p in sorted(tmp_path.iterdir())]
+    assert plot_curves.main(runs + ["--output", str(tmp_path / "p")]) == 0
+    assert "validation loss: off the zoomed scale: lion" in capsys.readouterr().out
+    assert plot_curves.main(runs + ["--output", str(tmp_path / "p"), "--full-range"]) == 0
+    assert "off the zoomed scale" not in capsys.readouterr().out
 
 
 def test_plot_reads_a_wandb_chart_export(tmp_path):
@@ -166,11 +223,24 @@ def test_plot_reads_a_wandb_chart_export(tmp_path):
     assert plot_curves.main(["--wandb-csv", str(export), "--output", str(tmp_path / "w")]) == 0
     assert (tmp_path / "w_val_vs_step.png").read_bytes()[:8] == PNG_MAGIC
     assert not (tmp_path / "w_val_vs_time.png").exists()  # the export has no wall time
+    assert not (tmp_path / "w_train_vs_step.png").exists()  # nor training losses
 
 
-def test_plot_without_val_loss_is_a_clean_error(tmp_path, capsys):
+def test_plot_a_run_without_validation_draws_its_training_loss(tmp_path, capsys):
+    run = tmp_path / "unvalidated"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train_loss": 5.0 - s, "lr": 0.1}) + "\n"
+                                               for s in range(3)))
+    assert plot_curves.main([str(run), "--output", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x_train_vs_step.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "x_val_vs_step.png").exists()
+    assert summary_rows(capsys.readouterr().out, "unvalidated") == [
+        ["unvalidated", "2", "n/a", "finished", "n/a", "n/a", "3.0000", "n/a"]]
+
+
+def test_plot_without_losses_is_a_clean_error(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 5.0}) + "\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "lr": 5.0}) + "\n")
     assert plot_curves.main([str(run), "--output", str(tmp_path / "x")]) == 2
-    assert "no record has a val_loss" in capsys.readouterr().err
+    assert "no record has a val_loss or a train_loss" in capsys.readouterr().err
