@@ -16,27 +16,29 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import DistributedTokenLoader, ShardError, find_shards, validation_batches
+from data import DistributedTokenLoader, ShardError, check_data, find_shards, validation_batches
 from data.corpus import ensure_embedded_corpus
 from models import GPT, GPTConfig
 from optimizers import OptimizerContext, build_optimizer
 from optimizers.registry import get_spec
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import choose_resume_checkpoint, load_checkpoint, save_checkpoint, saved_config
 from trainer.config import TrainConfig, build_config
-from trainer.errors import ConfigError, UserError
+from trainer.errors import ConfigError, TrainingError, UserError
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed,
                                  no_gradient_sync, parallelize, unwrap)
 from trainer.metrics import RunLogger
-from trainer.runtime import keep_large_allocations_in_heap
-from trainer.schedule import build_scheduler
+from trainer.runlock import lock_run_directories
+from trainer.runtime import StopRequest, exit_with_launcher, keep_large_allocations_in_heap
+from trainer.schedule import build_scheduler, rescale_lr
 
 
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. a non-finite loss); printed as one line, exit status 3."""
+class Stopped(Exception):
+    """SIGTERM was honoured: the run stopped at a step boundary (after saving when there was time); exit 143."""
 
 
 def build_model(config: TrainConfig, env: Distributed) -> GPT:
@@ -127,7 +129,7 @@ def estimate_hessian(model, optimizer, inputs, targets, autocast) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def run(config: TrainConfig, env: Distributed) -> None:
+def run(config: TrainConfig, env: Distributed, stop: StopRequest | None = None) -> None:
     spec = get_spec(config.optimizer)
     optimizer_syncs = spec.syncs_replicate_grads and config.replicate_mesh_grad_sync and env.dp > 1
     if env.tp > 1 and not spec.supports_tensor_parallel:
@@ -145,6 +147,9 @@ def run(config: TrainConfig, env: Distributed) -> None:
         raise ConfigError(f"fused_backward: needs one micro-batch per step, but batch_size / (device_batch_size x "
                           f"ranks) = {accumulation}; raise device_batch_size or turn fused_backward off")
     train_files, val_files = data_files(config, env)
+    check_data(train_files, val_files if config.val_loss_every > 0 else None, batch_size=config.device_batch_size,
+               sequence_length=config.sequence_length, world_size=env.data_world_size,
+               num_steps=config.num_iterations, vocab_size=config.vocab_size, val_tokens=config.val_tokens)
 
     model = build_model(config, env)
     model = parallelize(model, config, env, optimizer_syncs)
@@ -164,11 +169,14 @@ def run(config: TrainConfig, env: Distributed) -> None:
 
     step, wandb_id, elapsed, tokens = 0, None, 0.0, 0
     checkpoint_dir = config.resolved_checkpoint_dir
-    resume_from = latest_checkpoint(checkpoint_dir)
+    resume_from = choose_resume_checkpoint(checkpoint_dir, config.to_dict(), env)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, env)
         loader.load_state_dict(state["loader"])
         scheduler.load_state_dict(state["scheduler"])
+        saved_lr = saved_config(resume_from)["lr"]
+        if saved_lr != config.lr:  # a restart with another lr (e.g. lower, after a divergence) takes effect
+            rescale_lr(scheduler, config.lr / saved_lr)
         step, wandb_id, elapsed, tokens = state["step"], state["wandb_id"], state["elapsed"], state["tokens"]
     if wandb_id is None and not config.no_wandb:
         wandb_id = broadcast_from_main(uuid.uuid4().hex[:8], env)
@@ -186,7 +194,11 @@ def run(config: TrainConfig, env: Distributed) -> None:
         if hook is not None:
             hook()
 
+    save_seconds = None  # how long the last save took: decides whether a SIGTERM leaves time for one
+
     def checkpoint(at_step: int) -> None:
+        nonlocal save_seconds
+        started = time.monotonic()
         switch("eval")
         synchronize = optimizer_hook(optimizer, "synchronize_for_checkpoint")
         if synchronize is not None:  # Dion with its own replica sync: make the replicas' states identical
@@ -194,8 +206,9 @@ def run(config: TrainConfig, env: Distributed) -> None:
         save_checkpoint(checkpoint_dir, at_step, model, optimizer,
                         dict(step=at_step, wandb_id=logger.wandb_id, elapsed=elapsed, tokens=tokens,
                              loader=loader.state_dict(), scheduler=scheduler.state_dict()),
-                        env, config.keep_checkpoints)
+                        env, config.keep_checkpoints, config.to_dict())
         switch("train")
+        save_seconds = time.monotonic() - started
 
     def validate() -> float:
         switch("eval")
@@ -261,8 +274,17 @@ def run(config: TrainConfig, env: Distributed) -> None:
                 postfix["val"] = f"{record['val_loss']:.4f}"
             progress.set_postfix(postfix, refresh=False)
             progress.update(1)
-        if config.checkpoint_freq > 0 and step % config.checkpoint_freq == 0 or step == config.num_iterations:
+        saved = config.checkpoint_freq > 0 and step % config.checkpoint_freq == 0 or step == config.num_iterations
+        if saved:
             checkpoint(step)
+        if stop is not None and stop.due(env.device, env.world_size):
+            if not saved and (save_seconds or 0.0) <= stop.seconds_left():
+                checkpoint(step)
+                saved = True
+            raise Stopped(f"stopped by SIGTERM after step {step}: " + (
+                f"checkpoint saved in {checkpoint_dir}; rerun the same command to resume" if saved else
+                f"no time to save within sigterm_grace_seconds={config.sigterm_grace_seconds} (the last save "
+                f"took {save_seconds:.0f} s); a rerun resumes from the previous checkpoint"))
     if progress is not None:
         progress.close()
     logger.finish()
@@ -280,16 +302,20 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print_help()
         return 0
-    env = None
+    env, locks, stop = None, [], None
     is_main = os.environ.get("RANK", "0") == "0"
+    exit_with_launcher()
     try:
         config = build_config(argv)
         env = init_distributed(config)
+        locks = lock_run_directories({"run_dir": Path(config.run_dir),
+                                      "checkpoint_dir": config.resolved_checkpoint_dir}, env)
         if env.device.type == "cpu":
             keep_large_allocations_in_heap()
         if config.debug:
             torch.autograd.set_detect_anomaly(True)
-        run(config, env)
+        stop = StopRequest(config.sigterm_grace_seconds)
+        run(config, env, stop)
     except (UserError, ShardError, FileNotFoundError) as error:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
@@ -298,7 +324,15 @@ def main(argv: list[str]) -> int:
         if is_main:
             print(f"error: {error}", file=sys.stderr)
         return 3
+    except Stopped as stopped:
+        if is_main:
+            print(str(stopped), file=sys.stderr)
+        return 143
     finally:
+        for lock in locks:
+            lock.release()
+        if stop is not None:
+            stop.restore()
         if env is not None and env.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

@@ -68,6 +68,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_freq: int = 0
     keep_checkpoints: int = 2
+    sigterm_grace_seconds: float = 30.0  # on SIGTERM, save if the last save took less than what is left of this
     run_dir: str = "runs/default"
     data_dir: str | None = None
     seed: int = 0
@@ -252,6 +253,7 @@ def validate(c: TrainConfig) -> None:
     for key in ("batch_size", "device_batch_size", "num_iterations", "val_tokens", "log_every", "keep_checkpoints",
                 "rank_multiple_of", "power_iters"):
         _require(getattr(c, key) > 0, f"{key}: must be a positive integer, got {getattr(c, key)}")
+    _require(c.sigterm_grace_seconds >= 0, f"sigterm_grace_seconds: must be >= 0, got {c.sigterm_grace_seconds}")
     for key in ("val_loss_every", "checkpoint_freq", "cqr_warmup_steps"):
         _require(getattr(c, key) >= 0, f"{key}: must be >= 0 (0 = off), got {getattr(c, key)}")
     _require(c.batch_size % c.device_batch_size == 0,

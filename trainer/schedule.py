@@ -23,3 +23,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> WS
     if config.schedule == "cosine":
         return WSDScheduler(optimizer, warmup, 0, total - warmup, decay_shape="cosine")
     return WSDScheduler(optimizer, warmup, total - warmup, 0)
+
+
+def rescale_lr(scheduler: WSDScheduler, factor: float) -> None:
+    """Resume with another `lr`: every group's LR times `factor` from the next update on, the schedule's shape
+    and position unchanged (the checkpoint's scheduler and optimizer groups hold the saved LRs)."""
+    scheduler.peak_scale *= factor
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
