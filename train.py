@@ -167,11 +167,17 @@ def run(config: TrainConfig, env: Distributed, stop: StopRequest | None = None) 
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if env.device.type == "cuda" \
         else contextlib.nullcontext
 
+    def switch(mode: str) -> None:
+        hook = optimizer_hook(optimizer, mode)
+        if hook is not None:
+            hook()
+
     step, wandb_id, elapsed, tokens = 0, None, 0.0, 0
     checkpoint_dir = config.resolved_checkpoint_dir
     resume_from = choose_resume_checkpoint(checkpoint_dir, config.to_dict(), env)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, env)
+        switch("train")  # checkpoints hold the eval-mode parameters (schedule-free: the average x, not y)
         loader.load_state_dict(state["loader"])
         scheduler.load_state_dict(state["scheduler"])
         saved_lr = saved_config(resume_from)["lr"]
@@ -188,11 +194,6 @@ def run(config: TrainConfig, env: Distributed, stop: StopRequest | None = None) 
             print(f"run already complete: {resume_from} is at step {step} of {config.num_iterations}; "
                   f"set a new run_dir (or checkpoint_dir) to train again")
         return
-
-    def switch(mode: str) -> None:
-        hook = optimizer_hook(optimizer, mode)
-        if hook is not None:
-            hook()
 
     save_seconds = None  # how long the last save took: decides whether a SIGTERM leaves time for one
 

@@ -129,8 +129,8 @@ def shards_read_by(files: list[Path], batch_size: int, sequence_length: int, wor
 
 
 def check_token_ids(path: Path, vocab_size: int) -> None:
-    """ShardError naming the file and the first position of a token id >= vocab_size (a full scan: ~0.1 s per
-    100M-token shard from the page cache)."""
+    """ShardError naming the file and the first position of a token id >= vocab_size (a full scan: 0.02 s for a
+    100M-token shard in the page cache on this project's CPU machine, plus the read from disk when it is not)."""
     tokens = read_shard(path)
     if tokens.size == 0 or int(tokens.max()) < vocab_size:
         return

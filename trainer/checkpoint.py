@@ -45,7 +45,7 @@ _HASH_CHUNK = 1 << 22
 # it. The schedule keys change the LR from the resumed step on (see the README, "Checkpoints and resume"). Matched on
 # the last component of a dotted key, so nested config sections need no second list.
 RESUMABLE_KEYS = frozenset({
-    "num_iterations", "lr", "scalar_lr", "schedule", "warmup_ratio", "warmdown_ratio", "grad_clip",
+    "num_iterations", "lr", "schedule", "warmup_ratio", "warmdown_ratio", "grad_clip",
     "val_loss_every", "val_tokens", "log_every", "checkpoint_dir", "checkpoint_freq", "keep_checkpoints", "run_dir",
     "data_dir", "seed", "compile", "mixed_precision", "debug", "wandb_project_name", "wandb_job_name", "no_wandb",
     "dp_size", "fs_size", "tp_size", "sigterm_grace_seconds",
@@ -110,6 +110,18 @@ def _local_tensors(state: Any, prefix: str = ""):
         yield prefix, state
 
 
+def _global_bytes(state: Any) -> int:
+    """Bytes the state occupies once saved: DTensors at their global size, plain tensors once (DCP writes a
+    replicated tensor from one rank only, so summing over ranks would overestimate by the replica count)."""
+    if isinstance(state, dict):
+        return sum(_global_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_global_bytes(value) for value in state)
+    if isinstance(state, torch.Tensor):  # DTensor included: numel() is the global element count
+        return state.numel() * state.element_size()
+    return 0
+
+
 def non_finite_tensors(state: dict[str, Any]) -> list[str]:
     """Names of floating-point tensors (local shards) holding a NaN or an infinity."""
     return [name for name, tensor in _local_tensors(state)
@@ -119,7 +131,7 @@ def non_finite_tensors(state: dict[str, Any]) -> list[str]:
 def _sum_over_ranks(value: int, env: Distributed) -> int:
     if env.world_size == 1:
         return value
-    box = torch.tensor([value], dtype=torch.int64)
+    box = torch.tensor([value], dtype=torch.int64, device=env.device)  # NCCL reduces device tensors only
     dist.all_reduce(box, op=dist.ReduceOp.SUM)
     return int(box.item())
 
@@ -157,9 +169,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer
         raise TrainingError(f"non-finite weights or optimizer state at step {step} ({named}); checkpoint not "
                             f"written, the newest healthy one is {healthy or 'none'}. Restart with a lower lr "
                             f"to resume from it")
-    local_bytes = sum(t.numel() * t.element_size() for _, t in
-                      _local_tensors({"model": model_state, "optimizer": optimizer_state}))
-    needed = _sum_over_ranks(local_bytes, env)
+    needed = _global_bytes({"model": model_state, "optimizer": optimizer_state})
     problem = None
     if env.is_main:
         try:

@@ -369,6 +369,20 @@ def test_second_writer_is_refused_naming_the_holder_and_sigterm_saves(tmp_path):
     assert not (run_dir / ".lock").exists()  # released on exit
 
 
+def test_a_checkpoint_dir_shared_with_a_live_run_is_refused(tmp_path, capsys):
+    from trainer.runlock import RunLock
+    shared = tmp_path / "shared_checkpoints"
+    holder = RunLock(shared, "checkpoint_dir")
+    holder.acquire()  # another run, with its own run_dir, writing to the same checkpoint_dir
+    try:
+        assert run_train(tmp_path / "run", *ADAMW, "--num_iterations", "2", "--checkpoint_dir", str(shared)) == 2
+    finally:
+        holder.release()
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: checkpoint_dir: {shared} is in use by another run (pid {os.getpid()} on ")
+    assert not (tmp_path / "run" / ".lock").exists()  # the run_dir lock taken first was released
+
+
 def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
