@@ -286,8 +286,8 @@ def _check_compatible(path: Path, config: dict[str, Any], env: Distributed) -> s
     if not differences:
         return None
     allowed = ", ".join(sorted(RESUMABLE_KEYS))
-    return (f"checkpoint {path} was saved with a different {'; '.join(differences)}; only these may change on "
-            f"resume: {allowed}. Resume with the saved values or start a new run_dir")
+    return (f"checkpoint {path} cannot resume this config, which differs in {', '.join(differences)}; only these "
+            f"may change on resume: {allowed}. Resume with the saved values or start a new run_dir")
 
 
 def _set_aside(path: Path) -> Path:

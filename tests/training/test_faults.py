@@ -452,3 +452,14 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size_is_refused_in_one_line_printed_once(tmp_path):
+    args = [*TINY, "--device_batch_size", "2", "--run_dir", str(tmp_path), *ADAMW]
+    assert run_train(tmp_path, "--device_batch_size", "2", *ADAMW, "--num_iterations", "2") == 0
+    result = torchrun(2, *args, "--num_iterations", "4")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr.split("elastic/multiprocessing")[0]  # torchrun's own report follows
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(lines) == 1 and "data-parallel ranks (1 -> 2)" in lines[0], result.stderr
