@@ -463,3 +463,23 @@ def test_resume_at_another_world_size_is_refused_in_one_line_printed_once(tmp_pa
     assert "Traceback" not in result.stderr.split("elastic/multiprocessing")[0]  # torchrun's own report follows
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if "error:" in line]
     assert len(lines) == 1 and "data-parallel ranks (1 -> 2)" in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_one_checkpoint_on_both_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(ROOT / "train.py"), *TINY, "--device_batch_size", "2", "--run_dir", str(tmp_path),
+                                 *ADAMW, "--num_iterations", "100000"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(tmp_path, 2, launcher)
+        launcher.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers, SIGKILL 30 s later
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    stopped = [line for line in err.replace("\r", "\n").splitlines() if "stopped by SIGTERM" in line]
+    assert len(stopped) == 1 and "checkpoint saved" in stopped[0], err
+    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    saved = latest_checkpoint(tmp_path / "checkpoints")
+    assert saved.name == f"step_{step:08d}" and {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in saved.iterdir()}
