@@ -174,19 +174,24 @@ def drill_writers(work: Path) -> dict:
         while logged_steps(torchrun_dir) < 2:
             assert launcher.poll() is None, finish(launcher)
             time.sleep(0.2)
-        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == launcher.pid]
+        workers = children_of(launcher.pid)
         launcher.kill()
         launcher.communicate()
         deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
         launcher.kill()
         for pid in workers:
-            if _alive(pid):
+            if alive(pid):
                 report["orphaned_workers"] += 1
                 os.kill(pid, signal.SIGKILL)
     return report
+
+
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == pid]
 
 
 def _parent(pid: int) -> int | None:
@@ -196,7 +201,8 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:

@@ -19,7 +19,10 @@ import torch
 import trainer.checkpoint
 from data import write_shard
 from tests.training.helpers import ROOT, TINY, read_metrics, run_train, torchrun, train_losses
-from trainer.checkpoint import MANIFEST, complete_checkpoints, latest_checkpoint
+from trainer.checkpoint import complete_checkpoints, latest_checkpoint
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from fault_drill import alive, children_of  # noqa: E402
 
 ADAMW = ["--optimizer", "adamw", "--lr", "0.003"]
 
@@ -91,7 +94,7 @@ def test_restart_with_a_lower_lr_resumes_from_the_newest_healthy_checkpoint(tmp_
     assert run_train(run_dir, *args, "--lr", "0.01") == 3
     line = one_error_line(capsys.readouterr().err)
     healthy = run_dir / "checkpoints" / "step_00000004"
-    assert f"at step 5 (model.embed.weight" in line and f"the newest healthy one is {healthy}" in line
+    assert "at step 5 (model.embed.weight" in line and f"the newest healthy one is {healthy}" in line
     assert complete_checkpoints(run_dir / "checkpoints") == [healthy]
     monkeypatch.setattr(GPT, "forward", real_forward)
     assert run_train(run_dir, *args, "--lr", "0.001") == 0
@@ -424,34 +427,19 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     workers = []
     try:
         _wait_for_step(tmp_path, 2, launcher)
-        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == launcher.pid]
+        workers = children_of(launcher.pid)
         assert len(workers) == 2
         launcher.kill()
         launcher.wait()
         deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_alive(pid) for pid in workers)
+        assert not any(alive(pid) for pid in workers)
     finally:
         launcher.kill()
         for pid in workers:  # orphans, when the test fails
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.slow
