@@ -386,6 +386,28 @@ def test_a_checkpoint_dir_shared_with_a_live_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run" / ".lock").exists()  # the run_dir lock taken first was released
 
 
+def test_sigterm_without_time_for_a_save_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path, capsys,
+                                                                                        monkeypatch):
+    from models.gpt import GPT
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def terminated_during_step_3(self, inputs, targets=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, inputs, targets)
+
+    monkeypatch.setattr(GPT, "forward", terminated_during_step_3)
+    assert run_train(tmp_path, *ADAMW, "--num_iterations", "10", "--checkpoint_freq", "2",
+                     "--sigterm_grace_seconds", "0") == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 3: no time to save within sigterm_grace_seconds=0.0" in err
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000002"
+    assert [r["step"] for r in read_metrics(tmp_path)][-1] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone with the run
+
+
 def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
