@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.shards import read_header, read_shard
+from data.shards import ShardError, read_header, read_shard
 
 TRAIN_GLOB = "*_train_*.bin"
 VAL_GLOB = "*_val_*.bin"
@@ -48,9 +48,11 @@ class DistributedTokenLoader:
         self.rank, self.world_size = rank, world_size
         self.step_tokens = world_size * batch_size * sequence_length
         for f in self.files:
-            if read_header(f) < self.step_tokens + 1:
-                raise ValueError(f"{f}: shard has {read_header(f)} tokens, fewer than one global batch needs "
-                                 f"({self.step_tokens + 1}); lower batch_size or sequence_length")
+            num_tokens = read_header(f)
+            if num_tokens < self.step_tokens + 1:
+                raise ShardError(f"{f}: shard has {num_tokens} tokens, fewer than one global batch needs "
+                                 f"({self.step_tokens + 1} = ranks x batch x sequence_length + 1); lower "
+                                 f"device_batch_size or sequence_length")
         self.shard_index, self.position, self.epoch = 0, 0, 0
         self._tokens: np.ndarray | None = None
 
@@ -80,27 +82,72 @@ class DistributedTokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint: the data loader was saved with {state['world_size']} data-parallel ranks "
+            raise ShardError(f"checkpoint: the data loader was saved with {state['world_size']} data-parallel ranks "
                              f"but this run has {self.world_size}; resuming would re-read or skip data. Resume "
                              f"with the same data-parallel size (dp_size x fs_size) or start a new run")
         for key in ("batch_size", "sequence_length"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"checkpoint: the data loader was saved with {key}={state[key]}, this run uses "
+                raise ShardError(f"checkpoint: the data loader was saved with {key}={state[key]}, this run uses "
                                  f"{getattr(self, key)}; resume with the same {key}")
         if state["files"] != [f.name for f in self.files]:
-            raise ValueError("checkpoint: the training shards differ from those the checkpoint was saved with")
+            raise ShardError("checkpoint: the training shards differ from those the checkpoint was saved with")
         self.shard_index, self.position, self.epoch = state["shard_index"], state["position"], state["epoch"]
         self._tokens = None
+
+
+def _validation_plan(files: list[Path], batch_size: int, sequence_length: int, val_tokens: int, rank: int,
+                     world_size: int) -> tuple[DistributedTokenLoader, int]:
+    loader = DistributedTokenLoader(files, batch_size, sequence_length, rank, world_size)
+    steps = val_tokens // loader.step_tokens
+    if steps == 0:
+        raise ShardError(f"val_tokens: {val_tokens} is less than one validation batch "
+                         f"({loader.step_tokens} tokens = ranks x device_batch_size x sequence_length)")
+    return loader, steps
 
 
 def validation_batches(files: list[Path], batch_size: int, sequence_length: int, val_tokens: int, rank: int = 0,
                        world_size: int = 1):
     """The same fixed `val_tokens` (rounded down to whole global batches) from the start of the val shards on
     every call."""
-    loader = DistributedTokenLoader(files, batch_size, sequence_length, rank, world_size)
-    steps = val_tokens // loader.step_tokens
-    if steps == 0:
-        raise ValueError(f"val_tokens: {val_tokens} is less than one validation batch "
-                         f"({loader.step_tokens} tokens = ranks x device_batch_size x sequence_length)")
+    loader, steps = _validation_plan(files, batch_size, sequence_length, val_tokens, rank, world_size)
     for _ in range(steps):
         yield loader.next_batch()
+
+
+def shards_read_by(files: list[Path], batch_size: int, sequence_length: int, world_size: int,
+                   num_steps: int) -> list[Path]:
+    """The training shards a run of `num_steps` steps reads (from step 0, so a resumed run's too): the loader
+    moves to the next shard when the current one has no full global batch left, and cycles."""
+    step_tokens = world_size * batch_size * sequence_length
+    needed, out = num_steps, []
+    for f in files:
+        if needed <= 0:
+            break
+        out.append(f)
+        needed -= (read_header(f) - 1) // step_tokens
+    return out
+
+
+def check_token_ids(path: Path, vocab_size: int) -> None:
+    """ShardError naming the file and the first position of a token id >= vocab_size (a full scan: 0.02 s for a
+    100M-token shard in the page cache on this project's CPU machine, plus the read from disk when it is not)."""
+    tokens = read_shard(path)
+    if tokens.size == 0 or int(tokens.max()) < vocab_size:
+        return
+    position = int(np.flatnonzero(tokens >= vocab_size)[0])
+    raise ShardError(f"{path}: token id {int(tokens[position])} at position {position} is >= vocab_size "
+                     f"{vocab_size}; the shard was written for another tokenizer, or raise vocab_size")
+
+
+def check_data(train_files: list[Path], val_files: list[Path] | None, *, batch_size: int, sequence_length: int,
+               world_size: int, num_steps: int, vocab_size: int, val_tokens: int) -> None:
+    """Everything about the shards that would otherwise fail mid-run, checked before training: each shard holds
+    one global batch, val_tokens covers one validation batch (when `val_files` is given: validation is on), and
+    every shard the run reads has only token ids below vocab_size. Raises ShardError naming file or key."""
+    DistributedTokenLoader(train_files, batch_size, sequence_length, 0, world_size)
+    scanned = shards_read_by(train_files, batch_size, sequence_length, world_size, num_steps)
+    if val_files is not None:
+        _validation_plan(val_files, batch_size, sequence_length, val_tokens, 0, world_size)
+        scanned += val_files
+    for path in scanned:
+        check_token_ids(path, vocab_size)

@@ -18,7 +18,8 @@ TOKEN_DTYPE = np.dtype("<u2")
 
 
 class ShardError(ValueError):
-    """A shard file that is not in the expected format; the message names the file."""
+    """Shards that cannot serve the run: not in the expected format, too short for a batch, token ids beyond the
+    vocabulary; the message names the file (or the key, e.g. val_tokens)."""
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:

@@ -87,7 +87,9 @@ class ScheduleFreeAdamW(CheckedParamGroups, Optimizer, TrainingHooks):
             if group["train_mode"] == train_mode:
                 continue
             beta1 = group["betas"][0]
-            params = [p for p in group["params"] if "z" in self.state[p]]
+            # .get: indexing the state defaultdict would create empty entries, and DCP's get_state_dict takes a
+            # non-empty state for an initialized optimizer and then saves or loads no per-parameter state at all.
+            params = [p for p in group["params"] if "z" in self.state.get(p, {})]
             if params:
                 # x = (y - (1 - beta1) z) / beta1 = lerp(y, z, 1 - 1/beta1);  y = lerp(x, z, 1 - beta1).
                 weight = 1.0 - beta1 if train_mode else 1.0 - 1.0 / beta1

@@ -16,8 +16,8 @@ Command line: `--section.key value` (values are YAML scalars: `--compile true`, 
 Switching optimizers: when the command line names another optimizer than the config file, the file's optimizer
 section is left out and the new optimizer starts from its own training defaults (registry `defaults`), so
 `--optimizer prodigy` never inherits Dion's learning rate. Likewise `--model.name` (another model) and
-`--model.preset NAME` on the command line replace the file's model fields (further `--model.KEY` overrides apply). The resolved config (every default spelled out) is
-written to run_dir/config.yaml.
+`--model.preset NAME` on the command line replace the file's model fields (further `--model.KEY` overrides apply).
+The resolved config (every default spelled out) is written to run_dir/config.yaml.
 
 Any problem raises ConfigError with one line naming the key and what is allowed; main prints it and exits with 2.
 """
@@ -144,10 +144,14 @@ class CheckpointConfig:
     dir: str | None = key(None, "where step_NNNNNNNN checkpoints go; null = run_dir/checkpoints")
     freq: int = key(0, "save every this many steps; 0 = no checkpoints (not even at the end)")
     keep: int = key(2, "newest complete checkpoints kept; older ones are deleted")
+    sigterm_grace_seconds: float = key(30.0, "on SIGTERM, save if the last save took less than what is left of this "
+                                             "(torchrun waits 30 s before its SIGKILL)")
 
     def __post_init__(self):
         _require(self.freq >= 0, f"checkpoint.freq: must be >= 0 (0 = off), got {self.freq}")
         _require(self.keep > 0, f"checkpoint.keep: must be a positive integer, got {self.keep}")
+        _require(self.sigterm_grace_seconds >= 0, f"checkpoint.sigterm_grace_seconds: must be >= 0, got "
+                                                  f"{self.sigterm_grace_seconds}")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ parallel. Data-parallel rank/size for the data loader come from the dp x fs sub-
 
 `parallelize` applies, in this fixed order: the model package's tensor-parallel plan (tp > 1), activation
 checkpointing (optional), torch.compile (optional), then FSDP2 `fully_shard` per block and at the root (fs > 1, or
-HSDP with dp > 1), or DDP when nothing is sharded. Which axis the gradient sync covers depends on `replicate_mesh_grad_sync`: when the optimizer syncs the replicas itself
-(Dion's compressed P/R sync), the dp axis is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp.
+HSDP with dp > 1), or DDP when nothing is sharded. Which axis the gradient sync covers depends on
+`replicate_mesh_grad_sync`: when the optimizer syncs the replicas itself (Dion's compressed P/R sync), the dp axis
+is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimizer_syncs_replicas: bool) -> nn.Module:
-    """Apply the model's TP plan, compile and FSDP2/DDP as described in the module docstring. Returns the module to train."""
+    """Apply the model's TP plan, activation checkpointing, compile and FSDP2/DDP as described in the module
+    docstring. Returns the module to train."""
     if env.tp > 1:
         from models import model_package
         apply_tensor_parallel = model_package(config.model_name).apply_tensor_parallel

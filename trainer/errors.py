@@ -26,3 +26,8 @@ class LayoutError(UserError):
 
 class DataError(UserError):
     """Training or validation data that cannot serve the configured batches."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (a non-finite loss, weights or optimizer state); not a user error: printed as one
+    line on rank 0, exit status 3."""

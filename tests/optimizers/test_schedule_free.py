@@ -131,3 +131,16 @@ def test_build_takes_every_parameter_unless_a_scalar_optimizer_is_chosen():
     assert composite.param_groups[0]["train_mode"] is False
     with pytest.raises(ValueError, match="not an option of optimizer 'schedule_free_adamw'"):
         build_optimizer("schedule_free_adamw", context(options=dict(warmup=10)))
+
+
+def test_eval_before_the_first_step_leaves_the_state_empty_so_a_checkpoint_can_load_into_it():
+    """DCP's get_state_dict initializes an optimizer only when its state is empty; an eval()/train() switch that
+    indexed the state defaultdict created empty entries, and a resume then loaded no z or exp_avg_sq at all."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model = torch.nn.Linear(6, 8, bias=False)
+    optimizer = ScheduleFreeAdamW(model.parameters(), lr=1e-2)
+    optimizer.eval()
+    optimizer.train()
+    assert len(optimizer.state) == 0
+    _, optimizer_state = get_state_dict(model, optimizer)
+    assert set(optimizer_state["state"]["weight"]) == {"z", "exp_avg_sq"}

@@ -1,5 +1,6 @@
 """The config by component: sections, dotted overrides, short aliases, per-optimizer options and defaults, and bad
 input as one line naming the key and what is allowed (exit status 2, no traceback, before any work)."""
+import re
 import subprocess
 import sys
 
@@ -167,6 +168,8 @@ def test_torchrun_user_error_prints_one_line_once_and_every_rank_exits_2(args, k
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and key in errors[0], result.stderr[-3000:]
-    # No traceback of ours (torchrun adds its own failure report below the line), and every rank exited with 2.
+    # No traceback of ours (torchrun adds its own failure report below the line). Every rank exits with 2, unless
+    # torchrun stopped it first (SIGTERM) after the other one's exit: none fails any other way.
     assert "train.py\", line" not in result.stderr and "trainer/" not in result.stderr
-    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]
+    codes = re.findall(r"exitcode\s*: (-?\d+)", result.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, result.stderr[-3000:]
