@@ -169,7 +169,7 @@ def test_rejects_bad_options_with_clear_errors():
         Muon([matrix], adjust_lr="spectral")
     with pytest.raises(ValueError, match="algorithm=.* is invalid; allowed: muon, lion, adamw"):
         Muon([dict(params=[vector], algorithm="sgd")])
-    with pytest.raises(ValueError, match="needs 2D matrices"):
+    with pytest.raises(ValueError, match="needs 2D parameters"):
         Muon([vector])
     with pytest.raises(ValueError, match="ns_dtype"):
         Muon([matrix], ns_dtype="float16")
