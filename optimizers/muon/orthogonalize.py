@@ -4,7 +4,8 @@
 - "newton_schulz": Keller Jordan's tuned quintic, the same coefficients every iteration (`ns_steps`,
   `ns_coefficients`). Singular values end in roughly [0.7, 1.2], by design.
 - "polar_express": Amsel, Persson, Musco & Gower 2025, "The Polar Express" (arXiv 2505.16932): a different minimax
-  quintic per iteration, so the singular values converge to 1 much faster (within a few percent after 5 steps).
+  quintic per iteration, so the singular values reach 1 faster: after 5 steps every singular value above ~1e-2 of
+  the largest lies in [0.86, 1.14] (Newton-Schulz: [0.68, 1.20]), at half Newton-Schulz's distance to U V^T.
 - any callable f(X, epsilon) -> Tensor taking a (..., m, n) batch: it receives the optimizer's working dtype
   unchanged (no hidden bfloat16 cast), for exact references (an SVD in float64) or custom kernels.
 
