@@ -18,8 +18,8 @@
      as bare matmuls / step time.
    - Element-wise optimizers report bytes/s as a fraction of copy bandwidth, counting the least traffic a step needs:
      read parameters and gradients, write parameters, read and write every state tensor once.
-3. The Dion step time vs rank fraction, optimizer-state bytes per parameter (Dion: expected m n + n r per matrix), and
-   tokens/s of train.py's loop vs a minimal loop (same model, optimizer and batches; no logging, validation or
+3. The step time vs rank fraction (Dion) and selected fraction (Dion2, NorDion2), optimizer-state bytes per
+   parameter (Dion: expected m n + n r per matrix), and tokens/s of train.py's loop vs a minimal loop (same model, optimizer and batches; no logging, validation or
    checkpoints), alternated --loop-repeats times in this process on the configs/default.yaml model.
 4. Every target of the performance issue with PASS/SHORT and the measured ratio.
 
@@ -33,6 +33,7 @@ import contextlib
 import gc
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -59,6 +60,8 @@ from trainer.config import build_config  # noqa: E402
 
 RANK_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 DION_NAMES = ("dion", "dion_async", "dion_reference")
+# Orthogonalize a fraction of each matrix's rows (columns if tall); benchmarked at the same fractions as Dion's rank.
+SELECTION_NAMES = ("dion2", "nordion2")
 PRECONDITIONED = ("shampoo", "soap")
 NS_STEPS = 5
 RCQR_OVERSAMPLE = 1.25
@@ -167,6 +170,17 @@ def newton_schulz_products(shapes: list[tuple[int, int]]) -> list[Product]:
     return [(count * NS_STEPS, m, k, n) for count, m, k, n in batched(products)]
 
 
+def selected_shapes(shapes: list[tuple[int, int]], fraction: float, rows_only: bool) -> list[tuple[int, int]]:
+    """The submatrix Dion2 (rows if m <= n, else columns) or NorDion2 (rows) orthogonalizes at `fraction`."""
+    selected = []
+    for m, n in shapes:
+        if rows_only or m <= n:
+            selected.append((max(1, math.ceil(fraction * m)), n))
+        else:
+            selected.append((m, max(1, math.ceil(fraction * n))))
+    return selected
+
+
 def dion_expected_state_bytes(shapes: list[tuple[int, int]], rank_fraction: float) -> int:
     """Momentum m x n plus Q n x r (n = the smaller side) per matrix, fp32."""
     total = 0
@@ -193,6 +207,13 @@ def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]])
             for fraction in RANK_FRACTIONS:
                 cases.append(Case(f"{name}_r{fraction:g}", name, "matrix", registry(name, rank_fraction=fraction),
                                   fraction, dion_products(shapes, fraction)))
+        elif name in SELECTION_NAMES:
+            # Polar Express has Newton-Schulz's products (5 quintic iterations) on the selected submatrix.
+            for fraction in RANK_FRACTIONS:
+                selected = selected_shapes(shapes, fraction, rows_only=name == "nordion2")
+                cases.append(Case(f"{name}_r{fraction:g}", name, "matrix",
+                                  registry(name, options=dict(fraction=fraction)), fraction,
+                                  newton_schulz_products(selected)))
         elif name == "muon":
             ns = newton_schulz_products(shapes)
             # torch.optim.Muon runs Newton-Schulz in bfloat16: its limit is the bf16 matmul throughput.
@@ -445,14 +466,15 @@ def main(argv: list[str] | None = None) -> int:
     report.table(["optimizer", "parameters", "step ms (median)", "achieved", "limit", "efficiency",
                   "vs torch AdamW(foreach)"], rows)
 
-    curve = [(name, [by_label.get(f"{name}_r{f:g}") for f in RANK_FRACTIONS]) for name in DION_NAMES]
+    curve = [(name, [by_label.get(f"{name}_r{f:g}") for f in RANK_FRACTIONS])
+             for name in DION_NAMES + SELECTION_NAMES]
     curve = [(name, rows) for name, rows in curve if all(rows)]
     if curve:
-        report.heading("Dion step time vs rank fraction")
+        report.heading("Step time vs rank fraction (Dion) and selected fraction (Dion2, NorDion2)")
         report.table(["optimizer"] + [f"r = {f:g}" for f in RANK_FRACTIONS],
                      [[name] + [f"{1e3 * r.seconds:.1f} ms ({r.seconds / rows[0].seconds:.2f})" for r in rows]
                       for name, rows in curve])
-        report.note("In parentheses: step time / step time at rank fraction 1; linear scaling would give "
+        report.note("In parentheses: step time / step time at fraction 1; linear scaling would give "
                     + ", ".join(f"{f:g}" for f in RANK_FRACTIONS) + ".")
 
     report.heading("Optimizer-state memory")
