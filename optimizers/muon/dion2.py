@@ -11,7 +11,9 @@ others keep accumulating. The orthogonalized submatrix is k x n (or m x k), so t
   are assembled on their owner rank: the single-process result under every layout, for either orientation.
 - "local": for a matrix sharded over one mesh dimension (FSDP2, HSDP's shard axis), every shard chooses its own
   top `fraction` of its slices along the sharded dimension (rows under FSDP2), and only those slices travel to the
-  owner (traffic proportional to `fraction`). The selection then depends on the layout; other layouts use "global".
+  owner (traffic proportional to `fraction`). The selection then depends on the layout; replicas of HSDP repeat the
+  shard group's work; plain (DDP) matrices and matrices sharded over two mesh dimensions use "global". NorDion2
+  selects rows, so only row-sharded matrices take the local path.
 """
 from __future__ import annotations
 

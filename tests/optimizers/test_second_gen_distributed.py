@@ -1,6 +1,6 @@
 """Muon, NorMuon, Dion2 and NorDion2 (global selection) under DDP(2), FSDP2(2), TP(2), HSDP(2x2) and FSDP2+TP(2x2) on
 gloo equal the single-process run, each matrix orthogonalized by exactly one rank per step (replicas included);
-Dion2's local selection sends fraction x the rows. See second_gen_distributed_worker.py."""
+Dion2's local selection sends fraction x the rows and follows its per-shard rule. See second_gen_distributed_worker.py."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,8 @@ def test_two_rank_layouts_match_single_process_and_send_chosen_rows_only(tmp_pat
     local = result["local_scope"]
     assert local["moved"] == [local["chosen"]] * 3
     assert local["bytes"] == local["expected_bytes"] == local["whole_matrix_bytes"] // 4  # fraction 1/4
+    # Dion2 and NorDion2 local selection (uneven and empty shards, 4 steps) equal the per-shard rule written out.
+    assert local["reference_difference"] < 1e-12
 
 
 @pytest.mark.slow
