@@ -84,8 +84,14 @@ def parse_adjust_lr(owner: str, value: str | None) -> AdjustLR:
 
 # Constructor-only keys of every member (not per group).
 GLOBAL_KEYS = ("orthogonalizer", "ns_steps", "ns_coefficients", "ns_dtype", "distributed_mesh")
-# Group keys the optimizer manages itself.
+# Group keys besides the options: the parameters, the algorithm running them, and the group's step count.
 INTERNAL_GROUP_KEYS = ("params", "algorithm", "step")
+
+
+def _reject_unknown(owner: str, what: str, given, allowed: list[str]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"{owner}: unknown {what} {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
 
 
 class OrthonormalOptimizer(Optimizer):
@@ -105,10 +111,7 @@ class OrthonormalOptimizer(Optimizer):
     def __init__(self, params, **options: Any):
         name = type(self).__name__
         fields = [f.name for f in dataclasses.fields(self.options_class)]
-        unknown = sorted(set(options) - set(fields) - set(GLOBAL_KEYS))
-        if unknown:
-            raise ValueError(f"{name}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
-                             f"{', '.join(fields + list(GLOBAL_KEYS))}")
+        _reject_unknown(name, "key(s)", options, fields + list(GLOBAL_KEYS))
         settings = self.options_class(**{k: v for k, v in options.items() if k in fields})
         settings.validate(name)
         self.orthogonalize = Orthogonalizer.create(
@@ -122,10 +125,7 @@ class OrthonormalOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         name = type(self).__name__
         fields = [f.name for f in dataclasses.fields(self.options_class)]
-        unknown = sorted(set(param_group) - set(fields) - set(INTERNAL_GROUP_KEYS))
-        if unknown:
-            raise ValueError(f"{name}: unknown param-group key(s) {', '.join(map(repr, unknown))}; allowed: "
-                             f"{', '.join(list(INTERNAL_GROUP_KEYS[:2]) + fields)}")
+        _reject_unknown(name, "param-group key(s)", param_group, list(INTERNAL_GROUP_KEYS) + fields)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])

@@ -39,9 +39,9 @@ class SelectionScope(str, Enum):
 
 
 @dataclass(frozen=True)
-class Dion2Options(MatrixOptions):
+class SelectionOptions(MatrixOptions):
+    """The keys of row/column selection shared by Dion2 and NorDion2."""
     fraction: float = 0.25
-    ef_decay: float = 0.95
     selection_scope: str = "global"
 
     def validate(self, owner: str) -> None:
@@ -50,15 +50,14 @@ class Dion2Options(MatrixOptions):
 
 
 @dataclass(frozen=True)
-class NorDion2Options(MatrixOptions):
-    fraction: float = 0.25
+class Dion2Options(SelectionOptions):
+    ef_decay: float = 0.95
+
+
+@dataclass(frozen=True)
+class NorDion2Options(SelectionOptions):
     mu: float = 0.95
     muon_beta2: float = 0.95
-    selection_scope: str = "global"
-
-    def validate(self, owner: str) -> None:
-        super().validate(owner)
-        parse_choice(SelectionScope, owner, "selection_scope", self.selection_scope)
 
 
 def selected_count(fraction: float, count: int) -> int:
