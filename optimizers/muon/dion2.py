@@ -114,8 +114,8 @@ class Dion2(OrthonormalOptimizer):
                      weight_decay=group["weight_decay"], cautious_wd=group["cautious_wd"])
 
     def _local_dim(self, group: dict, layout: MatrixLayout) -> int | None:
-        """(mesh dim) for the local-scope path: the matrix is sharded over exactly one mesh dimension, along the
-        selection dimension this member allows; None: the global path."""
+        """The mesh dimension to select within under selection_scope "local" (the matrix must be sharded over
+        exactly one, along a dimension this member may select); None: the global path."""
         if group["selection_scope"] != SelectionScope.LOCAL.value or not layout.is_dtensor:
             return None
         sharded = layout.sharded_dims()
@@ -194,7 +194,7 @@ class Dion2(OrthonormalOptimizer):
         def compute(indices: list[int], matrices: list[Tensor]) -> list[Tensor]:
             return list(self.orthogonalize(torch.stack(matrices)).unbind(0))
 
-        results = exchange_selected(pieces, [counts] * len(pieces), mesh.get_group(mesh_dim), dim, compute)
+        results = exchange_selected(pieces, counts, mesh.get_group(mesh_dim), dim, compute)
         for (group, p, layout, momentum), chosen, result in zip(bucket, chosen_local, results):
             decay_slices(momentum, dim, chosen, self.ef_decay(group))
             update = torch.zeros_like(momentum, dtype=result.dtype)

@@ -166,10 +166,11 @@ class WholeMatrices:
         return out
 
 
-def exchange_selected(pieces: list[Tensor], lengths: list[list[int]], group: Any, dim: int,
+def exchange_selected(pieces: list[Tensor], lengths: list[int], group: Any, dim: int,
                       compute: Callable[[list[int], list[Tensor]], list[Tensor]]) -> list[Tensor]:
-    """Dion2 `selection_scope: local` on a matrix sharded over one mesh dimension: pieces[j] holds this rank's chosen
-    slices of matrix j along `dim`, padded to a common `chunk` slices; lengths[j][r] is how many of rank r's are real.
+    """Dion2 `selection_scope: local` on same-shape matrices sharded over one mesh dimension: pieces[j] holds this
+    rank's chosen slices of matrix j along `dim`, padded to a common count; lengths[r] is how many of rank r's are
+    real.
     Matrix j is assembled on rank j % world from the real slices of every rank (one all_to_all_single), compute
     (indices, assembled matrices) runs there, and the results travel back the same way. Returns this rank's slices
     of each result, padded like `pieces`."""
@@ -185,13 +186,13 @@ def exchange_selected(pieces: list[Tensor], lengths: list[list[int]], group: Any
                            input_split_sizes=[c * piece_numel for c in counts], group=group)
     received = received.view(world, counts[rank], *piece_shape)
     mine = [j for j in order if owners[j] == rank]
-    assembled = [torch.cat([received[r, k].narrow(dim, 0, lengths[j][r]) for r in range(world)], dim=dim)
-                 for k, j in enumerate(mine)]
+    assembled = [torch.cat([received[r, k].narrow(dim, 0, lengths[r]) for r in range(world)], dim=dim)
+                 for k in range(len(mine))]
     computed = compute(mine, assembled) if mine else []
     send_back = received.new_zeros(world, counts[rank], *piece_shape)
-    for k, (j, result) in enumerate(zip(mine, computed)):
-        for r, piece in enumerate(result.split(lengths[j], dim=dim)):
-            send_back[r, k].narrow(dim, 0, lengths[j][r]).copy_(piece)
+    for k, result in enumerate(computed):
+        for r, piece in enumerate(result.split(lengths, dim=dim)):
+            send_back[r, k].narrow(dim, 0, lengths[r]).copy_(piece)
     back = send.new_empty(len(pieces) * piece_numel)
     dist.all_to_all_single(back, send_back.reshape(-1), output_split_sizes=[c * piece_numel for c in counts],
                            input_split_sizes=[counts[rank] * piece_numel] * world, group=group)
