@@ -98,6 +98,7 @@ class Dion2(OrthonormalOptimizer):
     options_class = Dion2Options
     algorithm = "dion2"
     fixed_selection_dim: int | None = None  # None: rows if m <= n, else columns
+    normalizes_rows = False  # finish() needs the (m, 1) mask of the chosen rows
 
     def selection_dim(self, layout: MatrixLayout) -> int:
         if self.fixed_selection_dim is not None:
@@ -109,7 +110,7 @@ class Dion2(OrthonormalOptimizer):
 
     def finish(self, group: dict, p: Tensor, layout: MatrixLayout, update: Tensor, rows: Tensor | None) -> None:
         """Applies the step; update: this rank's part of O scattered into zeros (m x n); rows: the (m, 1) bool
-        mask of the chosen rows when the selection is by rows."""
+        mask of the chosen rows when `normalizes_rows` (rows are then always the selection)."""
         apply_update(layout.local_matrix(p), update, lr=group["lr"], scale=self.scale(group, layout),
                      weight_decay=group["weight_decay"], cautious_wd=group["cautious_wd"])
 
@@ -163,7 +164,7 @@ class Dion2(OrthonormalOptimizer):
             start, length = layout.local_range(dim)
             decay_slices(momentum, dim, _local_indices(chosen, start, length), self.ef_decay(group))
             rows = None
-            if dim == 0:
+            if self.normalizes_rows:
                 rows = torch.zeros(layout.shape[0], 1, dtype=torch.bool, device=momentum.device)
                 rows[chosen] = True
             self.finish(group, p, layout, update, rows)
@@ -200,7 +201,7 @@ class Dion2(OrthonormalOptimizer):
             update = torch.zeros_like(momentum, dtype=result.dtype)
             update.index_copy_(dim, chosen, result.narrow(dim, 0, counts[rank]))
             rows = None
-            if dim == 0:
+            if self.normalizes_rows:
                 indicator = torch.zeros_like(momentum, dtype=torch.float32)
                 indicator[chosen] = 1.0
                 rows = (layout.full_sums(indicator, dim=1) > 0).unsqueeze(1)
@@ -218,6 +219,7 @@ class NorDion2(Dion2):
     options_class = NorDion2Options
     algorithm = "nordion2"
     fixed_selection_dim = 0
+    normalizes_rows = True
 
     def ef_decay(self, group: dict) -> float:
         return group["mu"]
