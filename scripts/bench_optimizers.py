@@ -23,6 +23,9 @@
    checkpoints), alternated --loop-repeats times in this process on the configs/default.yaml model.
 4. Every target of the performance issue with PASS/SHORT and the measured ratio.
 
+`--collectives` prints only the bytes each collective moves per step for the orthonormal family (DDP and FSDP2 at 2
+and 4 gloo ranks, measured against the formula in scripts/bench_collectives.py).
+
 `--profile NAME` prints a torch.profiler table of one step of benchmark case NAME (e.g. dion_r1, muon, lion) as
 evidence of what bounds it.
 """
@@ -37,6 +40,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -384,6 +388,21 @@ def verdict(value: float, bar: float, higher_is_better: bool = True) -> str:
     return "PASS" if ok else "SHORT"
 
 
+def collective_tables(preset: str) -> str:
+    """scripts/bench_collectives.py at 2 and 4 gloo ranks: one Markdown table, both world sizes."""
+    lines = []
+    for world in (2, 4):
+        completed = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+             str(Path(__file__).with_name("bench_collectives.py")), "--preset", preset],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise RuntimeError(f"bench_collectives.py at {world} ranks failed:\n{completed.stderr[-3000:]}")
+        table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
+        lines += table if not lines else table[2:]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="GPT preset (tiny: d=384, 4 layers)")
@@ -396,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-repeats", type=int, default=2, help="alternations of train.py / minimal loop")
     parser.add_argument("--loop-optimizer", default="dion")
     parser.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of this case")
+    parser.add_argument("--collectives", action="store_true",
+                        help="only: bytes per collective per step of muon, normuon, dion2, nordion2 at 2 and 4 gloo "
+                             "ranks vs the formula (scripts/bench_collectives.py under torchrun)")
     parser.add_argument("--markdown", action="store_true", help="emit Markdown tables")
     args = parser.parse_args(argv)
     names = args.optimizers or sorted(OPTIMIZERS)
@@ -405,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
                    if unknown else "--repeats must be >= 1 and --warmup >= 0")
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.collectives:
+        print(collective_tables(args.preset))
+        return 0
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
