@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from optimizers.muon import Dion2, Dion3, Muon, NorDion2, NorMuon, newton_schulz, polar_express
+from optimizers.muon.orthogonalize import NS_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer
 
 STEPS = 20
@@ -197,6 +198,24 @@ def test_orthogonalizer_singular_values_within_band(function, kind, cutoff, band
     s_out = torch.diagonal(u.T @ out.double() @ vh.T)
     counted = s_in >= cutoff * s_in[0]
     assert s_out[counted].min() > band[0] and s_out[counted].max() < band[1], s_out
+
+
+@pytest.mark.parametrize("function", ["newton_schulz", "polar_express"])
+def test_orthogonalizer_applies_its_scalar_polynomials_to_the_singular_values(function):
+    # In float64 each iteration maps every singular value s to a s + b s^3 + c s^5 (Newton-Schulz: the same
+    # (a, b, c) 5 times after scaling by 1 / ||X||_F; Polar Express: the t-th triple at step t after scaling by
+    # 1 / (1.02 ||X||_F)): the output's singular values along the input's singular vectors are the composition.
+    torch.manual_seed(0)
+    x = _ill_conditioned(24, 40, 1e3).double()
+    if function == "newton_schulz":
+        out, triples, scale = newton_schulz(x[None], dtype=torch.float64)[0], [NS_COEFFICIENTS] * 5, 1.0
+    else:
+        out, triples, scale = polar_express(x[None], dtype=torch.float64)[0], POLAR_EXPRESS_COEFFICIENTS, 1.02
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    expected = s / (scale * x.norm())
+    for a, b, c in triples:
+        expected = a * expected + b * expected ** 3 + c * expected ** 5
+    assert torch.allclose(torch.diagonal(u.T @ out @ vh.T), expected, atol=1e-9)
 
 
 def test_polar_express_is_closer_to_orthogonal_than_newton_schulz():
