@@ -123,20 +123,21 @@ class OrthonormalOptimizer(Optimizer):
         self.whole_matrices = WholeMatrices(_replicate_group(name, options.get("distributed_mesh")))
 
     def add_param_group(self, param_group: dict) -> None:
+        """Checks the group (keys, option values, algorithm, matrix shapes and placements) before adding it."""
         name = type(self).__name__
         fields = [f.name for f in dataclasses.fields(self.options_class)]
         _reject_unknown(name, "param-group key(s)", param_group, list(INTERNAL_GROUP_KEYS) + fields)
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group["betas"] = tuple(group["betas"])
-        dataclasses.replace(self.options_class(), **{k: group[k] for k in fields}).validate(name)
-        if group["algorithm"] != self.algorithm:
-            allowed = ", ".join([self.algorithm] + [a.value for a in ScalarAlgorithm])
-            if group["algorithm"] not in {a.value for a in ScalarAlgorithm}:
-                raise ValueError(f"{name}: algorithm={group['algorithm']!r} is invalid; allowed: {allowed}")
-            return
-        for p in group["params"]:
-            MatrixLayout.of(p, group["flatten"], name)
+        merged = {**self.defaults, **param_group}
+        dataclasses.replace(self.options_class(), **{k: merged[k] for k in fields}).validate(name)
+        allowed = [self.algorithm] + [a.value for a in ScalarAlgorithm]
+        if merged["algorithm"] not in allowed:
+            raise ValueError(f"{name}: algorithm={merged['algorithm']!r} is invalid; allowed: {', '.join(allowed)}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if merged["algorithm"] == self.algorithm:
+            for p in params:
+                MatrixLayout.of(p, merged["flatten"], name)
+        super().add_param_group({**param_group, "params": params, "betas": tuple(merged["betas"])})
 
     def layout(self, p: Tensor, group: dict) -> MatrixLayout:
         return MatrixLayout.of(p, group["flatten"], type(self).__name__)
