@@ -281,6 +281,10 @@ def test_unknown_param_group_key_is_a_clear_error(cls):
         cls([dict(params=[w], algorithm="sgd")])
     with pytest.raises(ValueError, match="lr must be >= 0"):
         cls([dict(params=[w], lr=-1.0)])
+    optimizer = cls([w])
+    with pytest.raises(ValueError, match=r"unknown param-group key\(s\) 'beta1'"):
+        optimizer.add_param_group(dict(params=[torch.zeros(4, 4, requires_grad=True)], beta1=0.9))
+    assert len(optimizer.param_groups) == 1  # a refused group is not added
 
 
 def test_bad_option_values_name_the_key():
