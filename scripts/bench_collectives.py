@@ -8,7 +8,7 @@ The block matrices of the preset are placed as DDP replicas (plain tensors split
 `torch.distributed` calls and DTensor's functional collectives) seen by a TorchDispatchMode, with the bytes of its
 input, summed over ranks. The formula (float32 everywhere on CPU; W ranks, per shape c matrices of m x n, p =
 ceil(c / W) per rank, chunk = ceil(m / W) rows per shard, k = ceil(fraction x chunk)):
-- DDP, every member: all-gather of the results, W p m n.
+- DDP: all-gather of the results, W p m n; Dion2 and NorDion2 gather only the chosen k x n (or m x k) slices.
 - FSDP2, whole matrices (Muon; NorMuon; Dion2 and NorDion2 with selection_scope global): the owner redistribution
   and its inverse. gloo has no all-to-all, so DTensor falls back to all-gather + chunk: W (W p) chunk n out and
   W p m n back (an all-to-all, as on NCCL, would send (W p) m n out). Plus the vectors the rules reduce across
@@ -79,6 +79,9 @@ def formula(name: str, layout: str, shapes: list[tuple[int, int]], world: int) -
     for (m, n), count in counts.items():
         per_rank, chunk = -(-count // world), -(-m // world)
         if layout == "ddp":
+            if name in ("dion2", "nordion2"):  # only the chosen slices: rows (NorDion2, or m <= n) or columns
+                rows = name == "nordion2" or m <= n
+                m, n = (math.ceil(FRACTION * m), n) if rows else (m, math.ceil(FRACTION * n))
             total += world * per_rank * m * n
         elif name == "dion2_local":
             total += 2 * world * count * math.ceil(FRACTION * chunk) * n

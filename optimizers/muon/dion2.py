@@ -141,10 +141,15 @@ class Dion2(OrthonormalOptimizer):
                 norms = layout.full_sums(momentum.abs(), dim=1 - dim)
                 chosen = top_slices(norms, selected_count(group["fraction"], layout.shape[dim]))
                 items.append((group, p, layout, momentum))
-                inputs.append(momentum.to(self.orthogonalize.working_dtype(momentum)))
+                # Plain (replicated) matrices are whole on every rank: only the chosen slices travel. DTensor
+                # shards go whole to the owner, which selects.
+                source = momentum if layout.is_dtensor else momentum.index_select(dim, chosen)
+                inputs.append(source.to(self.orthogonalize.working_dtype(momentum)))
                 selections.append((dim, chosen))
 
         def compute(indices: list[int], stack: Tensor) -> Tensor:
+            if not items[indices[0]][2].is_dtensor:
+                return self.orthogonalize(stack)
             out = None
             by_count: dict[int, list[int]] = defaultdict(list)
             for position, i in enumerate(indices):
@@ -161,6 +166,8 @@ class Dion2(OrthonormalOptimizer):
 
         updates = self.whole_matrices([layout for _, _, layout, _ in items], inputs, compute) if items else []
         for (group, p, layout, momentum), update, (dim, chosen) in zip(items, updates, selections):
+            if not layout.is_dtensor:
+                update = torch.zeros_like(momentum, dtype=update.dtype).index_copy_(dim, chosen, update)
             start, length = layout.local_range(dim)
             decay_slices(momentum, dim, _local_indices(chosen, start, length), self.ef_decay(group))
             rows = None

@@ -100,7 +100,8 @@ class WholeMatrices:
         self.replicate_group = replicate_group
 
     def __call__(self, layouts: list[MatrixLayout], inputs: list[Tensor], compute: Compute) -> list[Tensor]:
-        """inputs: local 2D parts (transport dtype). Returns this rank's 2D parts of the results, in input order."""
+        """inputs: the local 2D parts of DTensor matrices, or any 2D tensor for plain ones (Dion2 passes just the
+        chosen slices), in the transport dtype. Returns this rank's 2D parts of the results, in input order."""
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (layout, t) in enumerate(zip(layouts, inputs)):
             if layout.is_dtensor:
@@ -109,7 +110,7 @@ class WholeMatrices:
                 kind = ("replicated",)
             else:
                 kind = ("local",)
-            buckets[(*kind, layout.shape, t.dtype, t.device)].append(i)
+            buckets[(*kind, layout.shape if layout.is_dtensor else tuple(t.shape), t.dtype, t.device)].append(i)
         results: list[Tensor | None] = [None] * len(inputs)
         offset = 0
         for key, indices in buckets.items():
