@@ -75,6 +75,8 @@ _ADAMW_LIKE = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
 _DION = dict(lr=0.02, mu=0.95, betas=(0.9, 0.95), weight_decay=0.01, scalar=dict(name="lion"))
 _DION_RUNTIME = "optimizers.dion.core:runtime_kwargs"
 _ADV = "optimizers.advanced"
+_ORTHONORMAL = dict(scalar=ScalarPolicy.BUILTIN, defaults=dict(lr=0.02, scalar=dict(name="lion")),
+                    runtime="optimizers.muon:runtime_kwargs", supports_tensor_parallel=True)
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("optimizers.adamw:AdamW", "AdamW (decoupled weight decay)", defaults=_ADAMW_LIKE,
@@ -88,8 +90,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                              defaults=dict(lr=1e-3, betas=(0.9, 0.999), epsilon=1e-8, grafting_epsilon=1e-8,
                                            precondition_frequency=20, start_preconditioning_step=20,
                                            scalar=dict(name="adamw"))),
-    "muon": OptimizerSpec("optimizers.muon:Muon", "Muon (Newton-Schulz orthogonalized momentum)",
-                          scalar=ScalarPolicy.BUILTIN, defaults=_DION, runtime="optimizers.muon:runtime_kwargs"),
+    "muon": OptimizerSpec("optimizers.muon:Muon", "Muon (Newton-Schulz orthogonalized momentum)", **_ORTHONORMAL),
+    "normuon": OptimizerSpec("optimizers.muon:NorMuon", "NorMuon (Muon with per-row normalized updates)",
+                             **_ORTHONORMAL),
+    "dion2": OptimizerSpec("optimizers.muon:Dion2", "Dion2 (orthogonalize the rows/columns of largest momentum)",
+                           **_ORTHONORMAL),
+    "nordion2": OptimizerSpec("optimizers.muon:NorDion2", "NorDion2 (Dion2 selection + NorMuon normalization)",
+                              **_ORTHONORMAL),
+    "dion3": OptimizerSpec("optimizers.muon:Dion3", "Dion3: the name microsoft/dion exports for NorDion2",
+                           **_ORTHONORMAL),
     "dion_reference": OptimizerSpec("optimizers.dion.reference:DionReference",
                                     "Dion, per-matrix reference implementation", scalar=ScalarPolicy.BUILTIN,
                                     defaults=_DION, runtime=_DION_RUNTIME, syncs_replicate_grads=True,
@@ -149,16 +158,20 @@ class OptionField:
 @functools.cache
 def option_fields(name: str) -> dict[str, OptionField]:
     """The options of optimizer `name`: its constructor's keywords (minus TRAINER_KEYWORDS), typed by their
-    annotations, with the registry's training defaults in place of the constructor's."""
+    annotations, or what a class taking **options lists in `declared_options()`; the registry's training defaults
+    replace the constructor's."""
     spec = get_spec(name)
     cls = spec.load()
-    hints = typing.get_type_hints(cls.__init__)
+    if hasattr(cls, "declared_options"):  # a class taking **options declares them (the orthonormal family)
+        declared = cls.declared_options()
+    else:
+        hints = typing.get_type_hints(cls.__init__)
+        declared = [(p.name, hints.get(p.name, Any), p.default) for p in inspect.signature(cls).parameters.values()
+                    if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     fields = {}
-    for parameter in list(inspect.signature(cls).parameters.values()):
-        if parameter.name in TRAINER_KEYWORDS or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
-            continue
-        default = spec.defaults.get(parameter.name, parameter.default)
-        fields[parameter.name] = OptionField(parameter.name, hints.get(parameter.name, Any), default)
+    for option, annotation, default in declared:
+        if option not in TRAINER_KEYWORDS:
+            fields[option] = OptionField(option, annotation, spec.defaults.get(option, default))
     unknown = set(spec.defaults) - set(fields) - {"scalar"}
     if unknown:
         raise TypeError(f"registry: defaults of {name!r} name keywords {sorted(unknown)} that {cls.__name__} lacks")

@@ -23,10 +23,13 @@ and measures only the missing cases, so an interrupted run loses at most the cas
      as bare matmuls / step time.
    - Element-wise optimizers report bytes/s as a fraction of copy bandwidth, counting the least traffic a step needs:
      read parameters and gradients, write parameters, read and write every state tensor once.
-3. The Dion step time vs rank fraction, optimizer-state bytes per parameter (Dion: expected m n + n r per matrix), and
-   tokens/s of train.py's loop vs a minimal loop (same model, optimizer and batches; no logging, validation or
+3. The step time vs rank fraction (Dion) and selected fraction (Dion2, NorDion2), optimizer-state bytes per
+   parameter (Dion: expected m n + n r per matrix), and tokens/s of train.py's loop vs a minimal loop (same model, optimizer and batches; no logging, validation or
    checkpoints), alternated --loop-repeats times in this process on the configs/default.yaml model.
 4. Every target of the performance issue with PASS/SHORT and the measured ratio.
+
+`--collectives` prints only the bytes each collective moves per step for the orthonormal family (DDP and FSDP2 at 2
+and 4 gloo ranks, measured against the formula in scripts/bench_collectives.py).
 
 `--profile NAME` prints a torch.profiler table of one step of benchmark case NAME (e.g. dion_r1, muon, lion) as
 evidence of what bounds it.
@@ -39,9 +42,11 @@ import gc
 import io
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +76,8 @@ from trainer.distributed import init_distributed  # noqa: E402
 RANK_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 REFERENCE = "torch.optim.AdamW(foreach)"  # element-wise step times are also given relative to this case
 DION_NAMES = ("dion", "dion_async", "dion_reference")
+# Orthogonalize a fraction of each matrix's rows (columns if tall); benchmarked at the same fractions as Dion's rank.
+SELECTION_NAMES = ("dion2", "nordion2")
 PRECONDITIONED = ("shampoo", "soap")
 NS_STEPS = 5
 RCQR_OVERSAMPLE = 1.25
@@ -179,6 +186,17 @@ def newton_schulz_products(shapes: list[tuple[int, int]]) -> list[Product]:
     return [(count * NS_STEPS, m, k, n) for count, m, k, n in batched(products)]
 
 
+def selected_shapes(shapes: list[tuple[int, int]], fraction: float, rows_only: bool) -> list[tuple[int, int]]:
+    """The submatrix Dion2 (rows if m <= n, else columns) or NorDion2 (rows) orthogonalizes at `fraction`."""
+    selected = []
+    for m, n in shapes:
+        if rows_only or m <= n:
+            selected.append((max(1, math.ceil(fraction * m)), n))
+        else:
+            selected.append((m, max(1, math.ceil(fraction * n))))
+    return selected
+
+
 def dion_expected_state_bytes(shapes: list[tuple[int, int]], rank_fraction: float) -> int:
     """Momentum m x n plus Q n x r (n = the smaller side) per matrix, fp32."""
     total = 0
@@ -204,6 +222,13 @@ def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]])
             for fraction in RANK_FRACTIONS:
                 cases.append(Case(f"{name}_r{fraction:g}", name, "matrix", registry(name, rank_fraction=fraction),
                                   fraction, dion_products(shapes, fraction)))
+        elif name in SELECTION_NAMES:
+            # Polar Express has Newton-Schulz's products (5 quintic iterations) on the selected submatrix.
+            for fraction in RANK_FRACTIONS:
+                selected = selected_shapes(shapes, fraction, rows_only=name == "nordion2")
+                cases.append(Case(f"{name}_r{fraction:g}", name, "matrix",
+                                  registry(name, options=dict(fraction=fraction)), fraction,
+                                  newton_schulz_products(selected)))
         elif name == "muon":
             ns = newton_schulz_products(shapes)
             # torch.optim.Muon runs Newton-Schulz in bfloat16: its limit is the bf16 matmul throughput.
@@ -400,6 +425,21 @@ def verdict(value: float, bar: float, higher_is_better: bool = True) -> str:
     return "PASS" if ok else "SHORT"
 
 
+def collective_tables(preset: str) -> str:
+    """scripts/bench_collectives.py at 2 and 4 gloo ranks: one Markdown table, both world sizes."""
+    lines = []
+    for world in (2, 4):
+        completed = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+             str(Path(__file__).with_name("bench_collectives.py")), "--preset", preset],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise RuntimeError(f"bench_collectives.py at {world} ranks failed:\n{completed.stderr[-3000:]}")
+        table = [line for line in completed.stdout.splitlines() if line.startswith("|")]
+        lines += table if not lines else table[2:]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="GPT preset (tiny: d=384, 4 layers)")
@@ -412,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-repeats", type=int, default=2, help="alternations of train.py / minimal loop")
     parser.add_argument("--loop-optimizer", default="dion")
     parser.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of this case")
+    parser.add_argument("--collectives", action="store_true",
+                        help="only: bytes per collective per step of muon, normuon, dion2, nordion2 at 2 and 4 gloo "
+                             "ranks vs the formula (scripts/bench_collectives.py under torchrun)")
     parser.add_argument("--markdown", action="store_true", help="emit Markdown tables")
     parser.add_argument("--results", type=Path, metavar="FILE.jsonl",
                         help="append each measured row here; rows already there (same settings) are reused")
@@ -423,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                    if unknown else "--repeats must be >= 1 and --warmup >= 0")
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.collectives:
+        print(collective_tables(args.preset))
+        return 0
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     try:
@@ -493,14 +539,15 @@ def main(argv: list[str] | None = None) -> int:
         report.note(line)
     by_label = {r.case.label: r for r in results}
 
-    curve = [(name, [by_label.get(f"{name}_r{f:g}") for f in RANK_FRACTIONS]) for name in DION_NAMES]
+    curve = [(name, [by_label.get(f"{name}_r{f:g}") for f in RANK_FRACTIONS])
+             for name in DION_NAMES + SELECTION_NAMES]
     curve = [(name, rows) for name, rows in curve if all(rows)]
     if curve:
-        report.heading("Dion step time vs rank fraction")
+        report.heading("Step time vs rank fraction (Dion) and selected fraction (Dion2, NorDion2)")
         report.table(["optimizer"] + [f"r = {f:g}" for f in RANK_FRACTIONS],
                      [[name] + [f"{1e3 * r.seconds:.1f} ms ({r.seconds / rows[0].seconds:.2f})" for r in rows]
                       for name, rows in curve])
-        report.note("In parentheses: step time / step time at rank fraction 1; linear scaling would give "
+        report.note("In parentheses: step time / step time at fraction 1; linear scaling would give "
                     + ", ".join(f"{f:g}" for f in RANK_FRACTIONS) + ".")
 
     report.heading("Optimizer-state memory")

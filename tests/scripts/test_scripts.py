@@ -1,6 +1,7 @@
 """Smoke and closed-form tests of the measurement scripts: bench_optimizers (FLOP and state-byte models, a one-repeat
-run on a micro preset), compare_optimizers (dry run, skipping, valid train.py configs) and plot_curves (PNGs from
-metrics.jsonl and wandb CSV, unfinished runs, zoom, default output under runs/). No timings are asserted."""
+run on a micro preset), bench_collectives (bytes per collective equal the formula), compare_optimizers (dry run,
+skipping, valid train.py configs) and plot_curves (PNGs from metrics.jsonl and wandb CSV, unfinished runs, zoom,
+default output under runs/). No timings are asserted."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,25 @@ from models import PRESETS, GPTConfig  # noqa: E402
 from trainer.config import build_config  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- bench_collectives
+@pytest.mark.slow
+def test_collective_bytes_of_the_orthonormal_family_equal_the_formula(tmp_path):
+    import os
+    import subprocess
+    output = tmp_path / "collectives.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "scripts/bench_collectives.py"), "--json", str(output)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads(output.read_text())
+    assert len(rows) == 9
+    for row in rows:
+        assert row["measured"] == row["formula"], row
+    local = next(r for r in rows if r["optimizer"] == "dion2_local")
+    assert set(local["collectives"]) == {"c10d.alltoall_base_"}  # only the chosen rows travel
 
 
 # ---------------------------------------------------------------- bench_optimizers

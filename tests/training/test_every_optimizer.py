@@ -7,7 +7,8 @@ from tests.training.helpers import run_train, train_losses
 
 LEARNING_RATES = {"lion": 3e-3, "lion_adv": 3e-3, "prodigy": 1.0, "prodigy_adv": 1.0, "prodigy_lion_adv": 1.0,
                   "simplified_ademamix": 1e-3, "sophia": 1e-3, "dion": 0.02, "dion_async": 0.02,
-                  "dion_reference": 0.02, "muon": 0.02}
+                  "dion_reference": 0.02, "muon": 0.02, "normuon": 0.02, "dion2": 0.02, "nordion2": 0.02,
+                  "dion3": 0.02}
 # Prodigy's step size grows from d0; start it where 12 steps can show progress.
 OPTIONS = {name: ["--optimizer_args.d0", "1e-3"] for name in ("prodigy", "prodigy_adv", "prodigy_lion_adv")}
 FUSED_BACKWARD = ["adam_adv", "adopt_adv", "prodigy_adv", "simplified_ademamix", "lion_adv", "prodigy_lion_adv"]

@@ -4,7 +4,7 @@ the same global batch, resumes exactly from its own checkpoints, and checkpoints
 Tolerance: the layouts sum the same per-example gradients in different orders (all-reduce, reduce-scatter,
 row/column-sharded matmuls), so losses agree to float32 round-off: rtol 1e-5 over 3 steps for AdamW. Dion runs
 with qr_method "qr" (deterministic, no random sketch) and agrees to rtol 1e-4: its orthogonalization amplifies
-round-off slightly.
+round-off slightly; so does NorDion2's (global selection, Polar Express in float32).
 """
 import shutil
 import socket
@@ -26,6 +26,7 @@ STEPS = ["--num_iterations", "3", "--batch_size", "8", "--device_batch_size", "2
 OPTIMIZERS = {
     "adamw": (["--optimizer", "adamw", "--lr", "0.01"], 1e-5),
     "dion": (["--optimizer", "dion", "--lr", "0.02", "--optimizer.qr_method", "qr", "--rank_fraction", "0.5"], 1e-4),
+    "nordion2": (["--optimizer", "nordion2", "--lr", "0.02"], 1e-4),
 }
 
 
@@ -56,7 +57,7 @@ def test_layout_matches_single_process(layout, optimizer, single_process, tmp_pa
 
 
 @pytest.mark.parametrize("layout, optimizer", [("fsdp_tp", "adamw"), ("hsdp", "dion"), ("fsdp", "adamw"), ("ddp", "dion"),
-                                               ("tp", "dion")])
+                                               ("tp", "dion"), ("fsdp_tp", "nordion2")])
 def test_layout_resumes_exactly_from_its_own_checkpoint(layout, optimizer, tmp_path):
     nproc, mesh_args = LAYOUTS[layout]
     args = [*OPTIMIZERS[optimizer][0], *mesh_args, *STEPS[2:], "--num_iterations", "4", "--checkpoint_freq", "2"]
@@ -86,7 +87,7 @@ def test_fsdp_checkpoint_resumes_under_ddp(tmp_path):
 @pytest.mark.parametrize("mesh_args, words", [
     (["--dp_size", "3"], ["dp_size x fs_size x tp_size", "= 3", "(2)"]),
     (["--tp_size", "2", "--n_head", "3", "--model_dim", "48"], ["tp_size", "n_head"]),
-    (["--tp_size", "2", "--optimizer", "muon"], ["tp_size", "muon", "tensor parallelism"]),
+    (["--tp_size", "2", "--optimizer", "soap"], ["tp_size", "soap", "tensor parallelism"]),
 ])
 def test_bad_mesh_fails_with_one_clear_line(mesh_args, words, tmp_path):
     result = torchrun(2, *TINY, "--run_dir", str(tmp_path), *mesh_args)

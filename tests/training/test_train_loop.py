@@ -28,7 +28,7 @@ def test_run_writes_metrics_and_resolved_config(tmp_path, capsys):
     assert f"outputs: {tmp_path / 'metrics.jsonl'}" in out
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "muon", "normuon", "dion2", "nordion2"])
 def test_resume_is_bit_exact(tmp_path, optimizer):
     args = ["--optimizer", optimizer, "--lr", "0.003", "--num_iterations", "6", "--schedule.warmup_ratio", "0.2",
             "--schedule.warmdown_ratio", "0.5", "--batch_size", "8", "--device_batch_size", "4",  # 2 micro-batches
