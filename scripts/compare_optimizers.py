@@ -35,16 +35,90 @@ DEFAULT_RUNS = ROOT / "configs" / "compare" / "small_runs.yaml"
 
 
 def load_runs(path: Path) -> dict[str, dict]:
-    """The run table: name -> overrides; every value must be a mapping of train.py keys."""
+    """The run table: name -> overrides; every value must be a mapping of train.py keys. An entry may carry
+    `sweep: {dotted.key: [values]}` and `seeds: [..]`: it then stands for one run per combination, named
+    `<name>_<key><value>_s<seed>` (see expand_sweep)."""
     if not path.is_file():
         raise FileNotFoundError(f"--runs: no such file {path}")
     runs = yaml.safe_load(path.read_text()) or {}
     if not isinstance(runs, dict):
         raise ValueError(f"--runs: {path} must be a mapping from run name to config overrides")
+    expanded = {}
     for name, overrides in runs.items():
         if not isinstance(overrides, dict):
             raise ValueError(f"--runs: run {name!r} in {path} must map to a mapping of config keys, got {overrides!r}")
-    return runs
+        expanded.update(expand_sweep(name, overrides))
+    return expanded
+
+
+def expand_sweep(name: str, overrides: dict) -> dict[str, dict]:
+    """`name` alone, or one run per (swept value, seed): `{optimizer: {name: adamw}, sweep: {optimizer.lr: [1e-3,
+    3e-3]}, seeds: [0, 1]}` gives adamw_lr0.001_s0, adamw_lr0.001_s1, adamw_lr0.003_s0, ... Each run's overrides
+    record its group (`name`) under the private key `_group`."""
+    overrides = dict(overrides)
+    sweep, seeds = overrides.pop("sweep", None), overrides.pop("seeds", None)
+    if sweep is None and seeds is None:
+        return {name: overrides}
+    if sweep is not None and (not isinstance(sweep, dict) or len(sweep) != 1):
+        raise ValueError(f"--runs: {name}: sweep must map one dotted key to a list of values, got {sweep!r}")
+    key, values = next(iter(sweep.items())) if sweep else (None, [None])
+    out = {}
+    for value in values:
+        for seed in seeds if seeds is not None else [None]:
+            run = _with_dotted(overrides, key, value) if key else dict(overrides)
+            label = name + (f"_{key.rsplit('.', 1)[-1]}{value:g}" if key else "")
+            if seed is not None:
+                run["seed"], label = seed, f"{label}_s{seed}"
+            run["_group"] = name
+            out[label] = run
+    return out
+
+
+def _with_dotted(overrides: dict, dotted: str, value) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in overrides.items()}
+    node = out
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return out
+
+
+def final_val_loss(run_dir: Path) -> float | None:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    losses = [json.loads(line).get("val_loss") for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [x for x in losses if x is not None]
+    return losses[-1] if losses else None
+
+
+def summarize(runs: dict[str, dict], output: Path) -> str:
+    """Markdown: per group and learning rate, the final validation loss over seeds (mean +- sample std, n), then
+    each group at its best learning rate (lowest mean), best first."""
+    import statistics
+    cells: dict[tuple[str, float], list[float]] = {}
+    for label, overrides in runs.items():
+        group = overrides.get("_group", label)
+        lr = (overrides.get("optimizer") or {}).get("lr", float("nan"))
+        loss = final_val_loss(output / label)
+        if loss is not None:
+            cells.setdefault((group, lr), []).append(loss)
+
+    def cell(losses: list[float]) -> str:
+        spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        return f"{statistics.mean(losses):.4f} +- {spread:.4f} (n={len(losses)})"
+
+    lines = ["| run | lr | final val loss (mean +- std over seeds) |", "|---|---|---|"]
+    lines += [f"| {group} | {lr:g} | {cell(losses)} |" for (group, lr), losses in cells.items()]
+    best: dict[str, tuple[float, list[float]]] = {}
+    for (group, lr), losses in cells.items():
+        if group not in best or statistics.mean(losses) < statistics.mean(best[group][1]):
+            best[group] = (lr, losses)
+    lines += ["", "| run | best lr | final val loss (mean +- std over seeds) |", "|---|---|---|"]
+    ranked = sorted(best.items(), key=lambda item: statistics.mean(item[1][1]))
+    lines += [f"| {group} | {lr:g} | {cell(losses)} |" for group, (lr, losses) in ranked]
+    return "\n".join(lines)
 
 
 def override_arguments(overrides: dict, prefix: str = "") -> list[str]:
@@ -85,26 +159,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", help="command that starts train.py instead of python (e.g. torchrun ...)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--summary", action="store_true", help="print the table of final validation losses of the "
+                                                               "runs found under --output, run nothing")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs)
         if not args.base.is_file():
             raise FileNotFoundError(f"--base: no such file {args.base}")
-        unknown = sorted(set(args.only or []) - set(runs))
+        groups = {overrides.get("_group", name) for name, overrides in runs.items()}
+        unknown = sorted(set(args.only or []) - set(runs) - groups)
         if unknown:
             raise ValueError(f"--only: unknown run(s) {', '.join(unknown)}; allowed: {', '.join(runs)}")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.summary:
+        print(summarize(runs, args.output))
+        return 0
     total_steps = build_config(["--config", str(args.base)]).schedule.num_iterations
-    selected = [name for name in runs if args.only is None or name in args.only]
+    selected = [name for name, overrides in runs.items()
+                if args.only is None or name in args.only or overrides.get("_group") in args.only]
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"))
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     failed = []
     for name in selected:
         run_dir = args.output / name
-        overrides = {**runs[name]}
+        overrides = {k: v for k, v in runs[name].items() if k != "_group"}
         steps_to_run = (overrides.get("schedule") or {}).get("num_iterations", total_steps)
         command = train_command(args.base, run_dir, overrides, args.launcher)
         if finished_steps(run_dir) >= steps_to_run:

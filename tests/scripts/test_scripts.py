@@ -264,3 +264,17 @@ def test_plot_without_losses_is_a_clean_error(tmp_path, capsys):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "lr": 5.0}) + "\n")
     assert plot_curves.main([str(run), "--output", str(tmp_path / "x")]) == 2
     assert "no record has a val_loss or a train_loss" in capsys.readouterr().err
+
+
+def test_sweep_entries_expand_to_one_run_per_value_and_seed_and_summarize_by_mean(tmp_path, capsys):
+    runs = compare_optimizers.expand_sweep("adamw", {"optimizer": {"name": "adamw"},
+                                                     "sweep": {"optimizer.lr": [0.001, 0.01]}, "seeds": [0, 1]})
+    assert sorted(runs) == ["adamw_lr0.001_s0", "adamw_lr0.001_s1", "adamw_lr0.01_s0", "adamw_lr0.01_s1"]
+    assert runs["adamw_lr0.01_s1"] == {"optimizer": {"name": "adamw", "lr": 0.01}, "seed": 1, "_group": "adamw"}
+    for label, loss in (("adamw_lr0.001_s0", 6.0), ("adamw_lr0.001_s1", 6.2), ("adamw_lr0.01_s0", 5.0),
+                        ("adamw_lr0.01_s1", 5.4)):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "metrics.jsonl").write_text(json.dumps({"step": 100, "val_loss": loss}) + "\n")
+    table = compare_optimizers.summarize(runs, tmp_path)
+    assert "| adamw | 0.001 | 6.1000 +- 0.1414 (n=2) |" in table
+    assert table.splitlines()[-1] == "| adamw | 0.01 | 5.2000 +- 0.2828 (n=2) |"  # the best LR

@@ -4,14 +4,14 @@ paper's model."""
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.training.helpers import ROOT
 from trainer.config import build_config
 
 # *_runs.yaml files are run tables for scripts/compare_optimizers.py, not train.py configs.
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not p.name.endswith("_runs.yaml"))
-RUN_TABLES = {"small_runs.yaml": "compare/small.yaml", "160m_runs.yaml": "dion_160m.yaml"}
+RUN_TABLES = {"small_runs.yaml": "compare/small.yaml", "sweep_runs.yaml": "compare/small.yaml",
+              "160m_runs.yaml": "dion_160m.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -24,12 +24,15 @@ def test_config_validates(path: Path):
 
 @pytest.mark.parametrize("table", RUN_TABLES)
 def test_every_comparison_run_validates(table):
-    from scripts.compare_optimizers import override_arguments
-    runs = yaml.safe_load((ROOT / "configs" / "compare" / table).read_text())
+    from scripts.compare_optimizers import load_runs, override_arguments
+    runs = load_runs(ROOT / "configs" / "compare" / table)
     base = ROOT / "configs" / RUN_TABLES[table]
     for name, overrides in runs.items():
+        overrides = {k: v for k, v in overrides.items() if k != "_group"}
         config = build_config(["--config", str(base), "--data_dir", "null", *override_arguments(overrides)])
         assert config.optimizer.name == overrides["optimizer"]["name"], name
+        assert config.seed == overrides.get("seed", 0) and config.optimizer.lr == overrides["optimizer"].get(
+            "lr", config.optimizer.lr), name
 
 
 def test_dion_configs_select_the_documented_settings():
