@@ -19,6 +19,7 @@ matrix, so every layout computes what a single process computes.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Mapping
@@ -98,11 +99,11 @@ class DionMixedPrecisionConfig:
 def _check_group_options(group: dict) -> None:
     betas = group["betas"]
     checks = [
-        ("lr", group["lr"] >= 0.0, "a float >= 0"),
-        ("mu", 0.0 <= group["mu"] <= 1.0, "a float in [0, 1]"),
+        ("lr", 0.0 <= group["lr"] < math.inf, "a finite float >= 0"),
+        ("mu", 0.0 <= group["mu"] < 1.0, "a float in [0, 1)"),
         ("betas", len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "two floats in [0, 1)"),
-        ("weight_decay", group["weight_decay"] >= 0.0, "a float >= 0"),
-        ("epsilon", group["epsilon"] >= 0.0, "a float >= 0"),
+        ("weight_decay", 0.0 <= group["weight_decay"] < math.inf, "a finite float >= 0"),
+        ("epsilon", 0.0 <= group["epsilon"] < math.inf, "a finite float >= 0"),
         ("rank_fraction", 0.0 < group["rank_fraction"] <= 1.0, "a float in (0, 1]"),
         ("rank_multiple_of", isinstance(group["rank_multiple_of"], int) and group["rank_multiple_of"] >= 1,
          "an integer >= 1"),
@@ -212,8 +213,8 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
             raise ValueError(f"dion: power_iters={power_iters!r} is invalid; allowed: an integer >= 1")
         if not (isinstance(cqr_warmup_steps, int) and cqr_warmup_steps >= 0):
             raise ValueError(f"dion: cqr_warmup_steps={cqr_warmup_steps!r} is invalid; allowed: an integer >= 0")
-        if not rcqr_oversample >= 1.0:
-            raise ValueError(f"dion: rcqr_oversample={rcqr_oversample!r} is invalid; allowed: a float >= 1")
+        if not 1.0 <= rcqr_oversample < math.inf:
+            raise ValueError(f"dion: rcqr_oversample={rcqr_oversample!r} is invalid; allowed: a finite float >= 1")
         self._power_iters = power_iters
         self._qr_method = parse_choice(QRMethod, "dion", "qr_method", qr_method)
         self._cqr_warmup_steps = cqr_warmup_steps

@@ -81,6 +81,10 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["--optimizer.qr_method", "svd"], ["qr_method", "qr", "rcqr"]),
     (["--model.preset", "7b"], ["model.preset", "160m"]),
     (["--checkpoint.keep", "0"], ["checkpoint.keep", "positive"]),
+    (["--optimizer.rcqr_oversample", "inf"], ["rcqr_oversample=inf", "finite float >= 1"]),
+    (["--optimizer.epsilon", "inf"], ["epsilon=inf", "finite float >= 0"]),
+    (["--optimizer.mu", "1.0"], ["mu=1.0", "[0, 1)"]),
+    (["--optimizer_args.factored", "true"], ["factored", "'dion'"]),
 ])
 def test_bad_config_raises_one_line_naming_the_key(argv, words):
     with pytest.raises(ConfigError) as error:
