@@ -100,8 +100,12 @@ def _validation_plan(files: list[Path], batch_size: int, sequence_length: int, v
     loader = DistributedTokenLoader(files, batch_size, sequence_length, rank, world_size)
     steps = val_tokens // loader.step_tokens
     if steps == 0:
-        raise ShardError(f"val_tokens: {val_tokens} is less than one validation batch "
+        raise ShardError(f"data.val_tokens: {val_tokens} is less than one validation batch "
                          f"({loader.step_tokens} tokens = ranks x device_batch_size x sequence_length)")
+    available = sum((read_header(f) - 1) // loader.step_tokens for f in files)
+    if steps > available:  # the loader would wrap around and count the same tokens twice
+        raise ShardError(f"data.val_tokens: {val_tokens} is more than the validation split holds in whole batches "
+                         f"({available * loader.step_tokens} tokens); use at most that")
     return loader, steps
 
 

@@ -148,3 +148,15 @@ def test_failed_download_says_how_much_it_would_fetch_and_leaves_no_empty_direct
     assert "fetching 104 (~20.8 GB; pass a number of training shards to fetch fewer)" in result.stdout
     assert "error: could not download fineweb_val_000000.bin" in result.stderr and "Traceback" not in result.stderr
     assert not target.exists()
+
+
+def test_val_tokens_beyond_the_validation_split_is_refused_instead_of_wrapping(tmp_path):
+    from data.loader import check_data
+    train = make_shards(tmp_path, [4096], "train")
+    val = make_shards(tmp_path, [1000], "val", seed=1)  # 999 targets: 3 batches of 2 x 128 tokens
+    check_data(train, val, batch_size=2, sequence_length=128, world_size=1, num_steps=1, vocab_size=50304,
+               val_tokens=768)
+    with pytest.raises(ShardError, match=r"data.val_tokens: 1024 is more than the validation split holds in whole "
+                                         r"batches \(768 tokens\)"):
+        check_data(train, val, batch_size=2, sequence_length=128, world_size=1, num_steps=1, vocab_size=50304,
+                   val_tokens=1024)
