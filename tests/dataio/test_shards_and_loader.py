@@ -143,7 +143,7 @@ def test_failed_download_says_how_much_it_would_fetch_and_leaves_no_empty_direct
     root = Path(__file__).resolve().parents[2]
     target = tmp_path / "fineweb10B"
     result = subprocess.run([sys.executable, "data/cached_fineweb10B.py", "--local_dir", str(target)], cwd=root,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0
     assert "fetching 104 (~20.8 GB; pass a number of training shards to fetch fewer)" in result.stdout
     assert "error: could not download fineweb_val_000000.bin" in result.stderr and "Traceback" not in result.stderr

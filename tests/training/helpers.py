@@ -26,7 +26,7 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["train_loss"] for r in read_metrics(run_dir) if "train_loss" in r]
 
 
-def torchrun(nproc: int, *args: str, nnodes: int = 1, timeout: int = 300, extra_env=None,
+def torchrun(nproc: int, *args: str, nnodes: int = 1, timeout: int = 900, extra_env=None,
              launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
            **(extra_env or {})}

@@ -355,12 +355,12 @@ def test_second_writer_is_refused_naming_the_holder_and_sigterm_saves(tmp_path):
     try:
         _wait_for_step(run_dir, 2, first)
         second = _start(run_dir, *args)
-        _, err = second.communicate(timeout=120)
+        _, err = second.communicate(timeout=600)
         assert second.returncode == 2
         line = one_error_line(err)
         assert f"run_dir: {run_dir} is in use by another run (pid {first.pid} on " in line
         first.send_signal(signal.SIGTERM)
-        _, err = first.communicate(timeout=120)
+        _, err = first.communicate(timeout=600)
     finally:
         first.kill()
     assert first.returncode == 143
@@ -485,7 +485,7 @@ def test_sigterm_to_torchrun_saves_one_checkpoint_on_both_ranks(tmp_path):
     try:
         _wait_for_step(tmp_path, 2, launcher)
         launcher.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers, SIGKILL 30 s later
-        _, err = launcher.communicate(timeout=120)
+        _, err = launcher.communicate(timeout=600)
     finally:
         launcher.kill()
     stopped = [line for line in err.replace("\r", "\n").splitlines() if "stopped by SIGTERM" in line]

@@ -115,7 +115,7 @@ def test_two_nodes_on_localhost_train(tmp_path):
                                "--nproc_per_node=1", str(ROOT / "train.py"), *args],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
+    outputs = [node.communicate(timeout=900) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     losses = [r["train_loss"] for r in read_metrics(tmp_path) if "train_loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]

@@ -22,7 +22,7 @@ def test_sharded_and_fsdp_fused_runs_match_single_process(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(Path(__file__).with_name("advanced_distributed_worker.py")), str(output), str(tmp_path / "checkpoints")],
-        env=env, capture_output=True, text=True, timeout=300)
+        env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(output.read_text())
     assert len(result["sharded"]) == 6
