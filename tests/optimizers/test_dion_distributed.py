@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-process (torchrun) runs: the quick subset leaves them out
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = REPO_ROOT / "tests/optimizers/dion_distributed_worker.py"
 CLASSES = ("DionReference", "Dion", "DionAsync")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-process (torchrun) runs: the quick subset leaves them out
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ALGORITHMS = ("muon", "normuon", "dion2", "nordion2")
 

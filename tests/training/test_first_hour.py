@@ -11,6 +11,8 @@ import pytest
 from tests.readme_blocks import code_blocks
 from tests.training.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # multi-process (torchrun) runs: the quick subset leaves them out
+
 SMALLER = ["--model_dim", "32", "--n_layer", "1", "--n_head", "2", "--sequence_length", "32",
            "--data.val_tokens", "1024"]
 

@@ -15,6 +15,8 @@ import pytest
 
 from tests.training.helpers import ROOT, TINY, read_metrics, run_train, torchrun, train_losses
 
+pytestmark = pytest.mark.slow  # multi-process (torchrun) runs: the quick subset leaves them out
+
 LAYOUTS = {
     "ddp": (2, []),
     "fsdp": (2, ["--fs_size", "2"]),

@@ -17,6 +17,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.training.helpers import TINY, run_train, torchrun
 
+pytestmark = pytest.mark.slow  # multi-process (torchrun) runs: the quick subset leaves them out
+
 STEPS = ["--num_iterations", "6", "--batch_size", "8", "--device_batch_size", "2", "--n_layer", "2"]
 OPTIMIZERS = {
     "adamw": ["--optimizer", "adamw", "--lr", "0.01"],

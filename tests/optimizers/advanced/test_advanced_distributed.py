@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # multi-process (torchrun) runs: the quick subset leaves them out
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
