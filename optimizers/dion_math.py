@@ -54,9 +54,11 @@ def sketch_rows(rank: int, oversample: float) -> int:
 
 
 def gaussian_sketch(rows: int, columns: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """S ~ N(0, 1/k), k x m (k = rows), drawn from a generator seeded with `seed` on `device`."""
+    """S ~ N(0, 1/k), k x m (k = rows), drawn from a generator seeded with `seed` (any non-negative integer below
+    2^64) on `device`. The CPU generator (mt19937) keeps only the low 32 bits of a seed, so the high half is folded
+    in: seeds that differ only above bit 32 (the step, in Dion's t * 2^32 + m) still draw different sketches."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed((seed ^ (seed >> 32)) & 0xFFFFFFFF)
     sketch = torch.randn((rows, columns), generator=generator, device=device, dtype=dtype)
     return sketch.mul_(1.0 / math.sqrt(rows))
 
