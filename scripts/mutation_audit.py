@@ -30,6 +30,7 @@ class Mutation:
 MODEL = "tests/models/test_gpt.py"
 SCALAR_MIXED = "tests/optimizers/test_scalar_mixed_precision.py"
 SU = "optimizers/scalar_updates.py"
+RESUME_RNG = "tests/training/test_resume_rng.py"
 MUTATIONS = [
     Mutation("model-non-causal", "models/gpt.py", "is_causal=True", "is_causal=False", (MODEL,)),
     Mutation("model-rope-on-v", "models/gpt.py",
@@ -63,6 +64,17 @@ MUTATIONS = [
              "update = m32.lerp(g32, 1.0 - beta2).sign_()", (SCALAR_MIXED,)),
     Mutation("scalar-lion-mixed-beta1-in-momentum", SU, "m.copy_(m32.lerp_(g32, 1.0 - beta2))",
              "m.copy_(m32.lerp_(g32, 1.0 - beta1))", (SCALAR_MIXED,)),
+    # checkpoint: RNG-drawing optimizers
+    Mutation("checkpoint-rng-not-restored", "trainer/checkpoint.py", "        torch.set_rng_state(state[rng_key])",
+             "        pass", (RESUME_RNG,)),
+    Mutation("checkpoint-dion-step-not-restored", "optimizers/dion_core.py",
+             "        self._checked_state.clear()\n",
+             "        self._checked_state.clear()\n        for group in self.param_groups:\n            group['step'] = 0\n",
+             (RESUME_RNG + "::test_resume_is_bit_exact_with_random_draws[dion_rcqr]",)),
+    Mutation("rcqr-sketch-seed-truncated", "optimizers/dion_math.py",
+             "generator.manual_seed((seed ^ (seed >> 32)) & 0xFFFFFFFF)", "generator.manual_seed(seed)",
+             ("tests/optimizers/test_cholesky_qr.py",
+              RESUME_RNG + "::test_resume_is_bit_exact_with_random_draws[dion_rcqr]")),
 ]
 
 
