@@ -30,6 +30,8 @@ class Mutation:
 MODEL = "tests/models/test_gpt.py"
 SCALAR_MIXED = "tests/optimizers/test_scalar_mixed_precision.py"
 SU = "optimizers/scalar_updates.py"
+PARALLEL = "tests/training/test_parallel_params.py"
+VALIDATION = "tests/dataio/test_validation_ranks.py"
 RESUME_RNG = "tests/training/test_resume_rng.py"
 MUTATIONS = [
     Mutation("model-non-causal", "models/gpt.py", "is_causal=True", "is_causal=False", (MODEL,)),
@@ -75,6 +77,25 @@ MUTATIONS = [
              "generator.manual_seed((seed ^ (seed >> 32)) & 0xFFFFFFFF)", "generator.manual_seed(seed)",
              ("tests/optimizers/test_cholesky_qr.py",
               RESUME_RNG + "::test_resume_is_bit_exact_with_random_draws[dion_rcqr]")),
+    # validation with several ranks
+    Mutation("validation-every-rank-reads-rank-0", "train.py", "config.val_tokens, env.data_rank, env.data_world_size",
+             "config.val_tokens, 0, env.data_world_size", (PARALLEL + "::test_every_parameter_matches_single_process[ddp-adamw]",)),
+    Mutation("validation-loader-ignores-rank", "data/loader.py", "    loader = DistributedTokenLoader(files, batch_size, sequence_length, rank, world_size)",
+             "    loader = DistributedTokenLoader(files, batch_size, sequence_length, 0, world_size)", (VALIDATION,)),
+    Mutation("validation-sum-not-mean-over-ranks", "trainer/distributed.py", "        value /= env.world_size\n",
+             "", (PARALLEL + "::test_every_parameter_matches_single_process[ddp-adamw]",)),
+    # grad_norm
+    Mutation("grad-norm-not-squared", "train.py", "squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)",
+             "squares.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)",
+             ("tests/training/test_grad_norm.py",)),
+    Mutation("grad-norm-local-shard-only", "train.py", "(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2",
+             "(norm.to_local() if isinstance(norm, DTensor) else norm) ** 2",
+             (PARALLEL + "::test_every_parameter_matches_single_process[fsdp-dion]",)),
+    # training end to end: a backward pass that reaches only the LM head
+    Mutation("model-backward-stops-at-head", "models/gpt.py", "logits = self.lm_head(self.final_norm(x)).float()",
+             "logits = self.lm_head(self.final_norm(x).detach()).float()",
+             ("tests/training/test_every_optimizer.py::test_optimizer_lowers_the_loss_in_train_py[adamw]",
+              "tests/training/test_every_optimizer.py::test_optimizer_lowers_the_loss_in_train_py[dion]")),
 ]
 
 
