@@ -62,9 +62,10 @@ def grad_norms(run_dir) -> list[float]:
 
 def optimizer_syncs_replicas(layout: str, optimizer: str) -> bool:
     """Dion with dp > 1 averages the replicas' gradients itself, after grad_norm is taken (a local norm then)."""
+    from trainer.config import build_config
+    from trainer.distributed import mesh_sizes
     nproc, mesh_args = LAYOUTS[layout]
-    dp = int(mesh_args[mesh_args.index("--dp_size") + 1]) if "--dp_size" in mesh_args else (nproc if not mesh_args
-                                                                                            else 1)
+    dp, _, _ = mesh_sizes(build_config([*TINY, *mesh_args]), nproc)
     return optimizer == "dion" and dp > 1
 
 
