@@ -27,10 +27,9 @@ SKETCH_ROW_MULTIPLE = 128
 # A Cholesky-based factor whose smallest diagonal entry is below this fraction of its largest describes a numerically
 # rank-deficient P (cond(P) > 1e3): Cholesky QR would return columns far from orthonormal, so the caller falls back.
 CHOLESKY_MIN_DIAGONAL_RATIO = 1e-3
-
-
-# CholeskyQR2 accepts its first pass when max |P1^T P1 - I| is at most this (cond(P1)^2 <= 1.1 / 0.9): the second pass
-# then leaves |Q^T Q - I| at float32 round-off. Beyond it (cond(P) >~ 1e3 in float32) the caller falls back.
+# CholeskyQR2 accepts its first pass when max |P1^T P1 - I| is at most this: P1 is then close to orthonormal and the
+# second pass leaves |Q^T Q - I| at float32 round-off (its error is ~ eps cond(P1)^2). Otherwise (float32 P with
+# cond(P) ~ 1e4 and above) the caller falls back.
 CHOLESKY_QR2_MAX_GRAM_ERROR = 0.1
 
 
@@ -54,9 +53,11 @@ def sketch_rows(rank: int, oversample: float) -> int:
 
 
 def gaussian_sketch(rows: int, columns: int, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """S ~ N(0, 1/k), k x m (k = rows), drawn from a generator seeded with `seed` on `device`."""
+    """S ~ N(0, 1/k), k x m (k = rows), drawn from a generator seeded with `seed` (any non-negative integer below
+    2^64) on `device`. The CPU generator (mt19937) keeps only the low 32 bits of a seed, so the high half is folded
+    in: seeds that differ only above bit 32 (the step, in Dion's t * 2^32 + m) still draw different sketches."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed((seed ^ (seed >> 32)) & 0xFFFFFFFF)
     sketch = torch.randn((rows, columns), generator=generator, device=device, dtype=dtype)
     return sketch.mul_(1.0 / math.sqrt(rows))
 

@@ -1,6 +1,6 @@
 """What Muon, NorMuon, Dion2 and NorDion2 share: typed options (constructor keywords and per-group overrides, one
 clear error for an unknown key), param groups whose `algorithm` is the matrix algorithm, "lion" or "adamw" (the
-shared element-wise updates of `optimizers.scalar_updates`), the LR scale of a matrix, decoupled (optionally
+shared element-wise updates of `optimizers.common.scalar_updates`), the LR scale of a matrix, decoupled (optionally
 cautious) weight decay, and the orthogonalizer with its distributed execution. A subclass states its options
 dataclass and implements `_matrix_step`.
 """

@@ -1,5 +1,5 @@
 """Cholesky-based orthonormalization ("cqr", "rcqr") on matrices of prescribed condition number and on
-rank-deficient ones, in PyTorch (optimizers/dion_core.orthonormalize); the optax port has the same tests in
+rank-deficient ones, in PyTorch (optimizers/dion/core.orthonormalize); the optax port has the same tests in
 tests/optimizers/experimental/test_cholesky_qr_optax.py.
 
 Float32 Cholesky QR in one pass leaves |Q^T Q - I| ~ eps cond(P)^2: 5e-3 at cond 1e3, 0.5 at cond 1e4 (64 x 64).
@@ -96,3 +96,11 @@ def test_rank_deficient_p_reaches_the_householder_fallback_and_stays_orthonormal
     assert householder_calls == [(1, 40, 6)]
     assert orthonormality_error(Q) < 1e-5
     assert span_error(Q, P) < 1e-5
+
+
+def test_rcqr_sketch_changes_with_the_step_part_of_its_seed():
+    # Dion seeds the sketch of step t with t * 2^32 + m; the CPU generator ignores bits above 32 unless folded in.
+    from optimizers.dion.linalg import gaussian_sketch
+    sketches = [gaussian_sketch(8, 5, (step << 32) + 5, torch.device("cpu"), torch.float32) for step in (1, 2, 3)]
+    assert not torch.equal(sketches[0], sketches[1]) and not torch.equal(sketches[1], sketches[2])
+    assert torch.equal(sketches[0], gaussian_sketch(8, 5, (1 << 32) + 5, torch.device("cpu"), torch.float32))

@@ -272,9 +272,18 @@ def test_mixed_precision_keeps_bf16_momentum_and_q_and_fp32_variance_and_tracks_
         assert mixed.state[p]["Q"].dtype == torch.bfloat16
     assert mixed.state[vector]["momentum"].dtype == torch.bfloat16
     assert mixed.state[vector]["variance"].dtype == torch.float32
-    # bf16 states change the step by about bf16 precision (~1e-2 relative); the weights moved by ~0.05.
-    assert max_difference(params, full) < 5e-3
-    assert max_difference(params, make_params(dtype=torch.float32)) > 2e-2
+    # Values, relative to the float32-state run: bf16 keeps 8 bits (0.4% per stored value). Observed: matrices 3% of
+    # their movement (Dion's orthonormalization amplifies the rounded momentum), the AdamW vector 0.04%, momenta 0.65%
+    # of their size, the float32 variance 0.
+    def relative(x, y, scale):
+        return ((x.detach().float() - y.detach().float()).abs().max() / scale.abs().max()).item()
+    for p, q, start in zip(params, full, make_params(dtype=torch.float32)):
+        assert relative(p, q, q.detach() - start) < 0.06
+    assert relative(vector, vector_full, vector_full.detach() - 1.0) < 0.005
+    for p, q in zip(params + [vector], full + [vector_full]):
+        assert relative(mixed.state[p]["momentum"], plain.state[q]["momentum"], plain.state[q]["momentum"]) < 0.02
+    assert relative(mixed.state[vector]["variance"], plain.state[vector_full]["variance"],
+                    plain.state[vector_full]["variance"]) < 1e-5
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -308,12 +317,19 @@ def test_state_dict_round_trip_continues_identically(cls, mixed_precision):
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_initial_q_is_seeded_gaussian_in_the_short_orientation(cls):
-    params = make_params([(12, 8), (8, 12)])
-    optimizer = train(cls, params, steps=1, rank_fraction=0.5)
-    again = train(cls, make_params([(12, 8), (8, 12)]), steps=1, rank_fraction=0.5)
-    assert optimizer.state[params[0]]["Q"].shape == (8, 4)
-    assert optimizer.state[params[1]]["Q"].shape == (8, 4)
-    assert max_difference(params, again.param_groups[0]["params"]) == 0.0
+    # A zero gradient makes A Q zero, a step Dion skips keeping M and Q: the state after it is Q_0.
+    params = make_params([(12, 8), (8, 12), (96, 64)])
+    optimizer = cls(params, lr=0.02, rank_fraction=0.5)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    Qs = [optimizer.state[p]["Q"] for p in params]
+    assert [tuple(Q.shape) for Q in Qs] == [(8, 4), (8, 4), (64, 32)]  # min(m, n) x r
+    for i, Q in enumerate(Qs):  # matrix i: float32 N(0, 1) from a generator seeded with i
+        expected = torch.randn(Q.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float32)
+        assert torch.equal(Q.float(), expected)
+    samples = Qs[2].double()  # 2048 draws: mean and std within 0.05 of N(0, 1)'s
+    assert abs(samples.mean()) < 0.05 and abs(samples.std() - 1) < 0.05
 
 
 @pytest.mark.parametrize("cls", CLASSES)

@@ -15,11 +15,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.training.helpers import TINY, run_train, torchrun
+from tests.training.helpers import TINY, read_metrics, run_train, torchrun
 
 pytestmark = pytest.mark.slow  # multi-process (torchrun) runs: the quick subset leaves them out
 
-STEPS = ["--num_iterations", "6", "--batch_size", "8", "--device_batch_size", "2", "--n_layer", "2"]
+STEPS = ["--num_iterations", "6", "--batch_size", "8", "--device_batch_size", "2", "--n_layer", "2",
+         "--val_loss_every", "6"]
 OPTIMIZERS = {
     "adamw": ["--optimizer", "adamw", "--lr", "0.01"],
     "dion": ["--optimizer", "dion", "--lr", "0.02", "--optimizer.qr_method", "qr", "--rank_fraction", "0.5"],
@@ -53,6 +54,23 @@ def final_parameters(run_dir) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final.pt", weights_only=False)["model"]
 
 
+def final_validation_loss(run_dir) -> float:
+    return [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r][-1]
+
+
+def grad_norms(run_dir) -> list[float]:
+    return [r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r]
+
+
+def optimizer_syncs_replicas(layout: str, optimizer: str) -> bool:
+    """Dion with dp > 1 averages the replicas' gradients itself, after grad_norm is taken (a local norm then)."""
+    from trainer.config import build_config
+    from trainer.distributed import mesh_sizes
+    nproc, mesh_args = LAYOUTS[layout]
+    dp, _, _ = mesh_sizes(build_config([*TINY, *mesh_args]), nproc)
+    return optimizer == "dion" and dp > 1
+
+
 def initial_parameters(*args: str) -> dict[str, torch.Tensor]:
     from trainer.build import build_model
     from trainer.config import build_config
@@ -66,7 +84,7 @@ def single_process(tmp_path_factory):
     for name, args in OPTIMIZERS.items():
         run_dir = tmp_path_factory.mktemp(f"single_{name}")
         assert run_train(run_dir, *STEPS, *args) == 0
-        results[name] = final_parameters(run_dir)
+        results[name] = final_parameters(run_dir), final_validation_loss(run_dir), grad_norms(run_dir)
     return results
 
 
@@ -79,7 +97,7 @@ def relative_differences(got: dict, expected: dict, initial: dict) -> dict[str, 
 
 def test_every_weight_moves_in_the_single_process_run(single_process):
     initial = initial_parameters(*STEPS)
-    for optimizer, params in single_process.items():
+    for optimizer, (params, _, _) in single_process.items():
         for name, value in params.items():
             moved = (value != initial[name])
             # Embedding rows move only for tokens in the batches. Elsewhere most entries end away from their start
@@ -94,8 +112,13 @@ def test_every_parameter_matches_single_process(layout, optimizer, single_proces
     nproc, mesh_args = LAYOUTS[layout]
     result = torchrun(nproc, *TINY, "--run_dir", str(tmp_path), *STEPS, *OPTIMIZERS[optimizer], *mesh_args)
     assert result.returncode == 0, result.stderr[-3000:]
-    differences = relative_differences(final_parameters(tmp_path), single_process[optimizer],
-                                       initial_parameters(*STEPS))
+    expected, validation_loss, norms = single_process[optimizer]
+    differences = relative_differences(final_parameters(tmp_path), expected, initial_parameters(*STEPS))
     too_far = {name: difference for name, difference in differences.items()
                if difference >= (EMBEDDING_TOLERANCE if name == "embed.weight" else TOLERANCE)}
     assert not too_far, differences
+    # Validation: the ranks' batches tile the single process's, and their mean losses are averaged.
+    assert final_validation_loss(tmp_path) == pytest.approx(validation_loss, rel=1e-5)
+    # The logged gradient norm is the global one (DTensor norms reduced over their meshes).
+    if not optimizer_syncs_replicas(layout, optimizer):
+        assert grad_norms(tmp_path) == pytest.approx(norms, rel=1e-3)
