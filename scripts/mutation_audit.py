@@ -47,8 +47,7 @@ MUTATIONS = [
     Mutation("model-post-norm", "models/gpt/model.py", "x = x + self.attn(self.attn_norm(x))",
              "x = self.attn_norm(x + self.attn(x))", (MODEL,)),
     Mutation("model-head-not-zero", "models/gpt/model.py", "nn.init.zeros_(self.lm_head.weight)", "pass", (MODEL,)),
-    Mutation("model-no-final-norm", "models/gpt/model.py", "self.lm_head(self.final_norm(x))", "self.lm_head(x)",
-             (MODEL,)),
+    Mutation("model-no-final-norm", "models/gpt/model.py", "x = self.final_norm(x)\n", "\n", (MODEL,)),
     # bf16-state (mixed dtype) path of the scalar updates
     Mutation("scalar-adamw-mixed-beta1-as-beta2", SU, "m32.lerp_(g32, 1.0 - beta1)", "m32.lerp_(g32, 1.0 - beta2)",
              (SCALAR_MIXED,)),
@@ -80,8 +79,9 @@ MUTATIONS = [
              ("tests/optimizers/test_cholesky_qr.py",
               RESUME_RNG + "::test_resume_is_bit_exact_with_random_draws[dion_rcqr]")),
     # validation with several ranks
-    Mutation("validation-every-rank-reads-rank-0", "train.py", "config.val_tokens, env.data_rank, env.data_world_size",
-             "config.val_tokens, 0, env.data_world_size",
+    Mutation("validation-every-rank-reads-rank-0", "train.py",
+             "config.data.val_tokens, env.data_rank, env.data_world_size",
+             "config.data.val_tokens, 0, env.data_world_size",
              (PARALLEL + "::test_every_parameter_matches_single_process[ddp-adamw]",)),
     Mutation("validation-loader-ignores-rank", "data/loader.py",
              "    loader = DistributedTokenLoader(files, batch_size, sequence_length, rank, world_size)",
@@ -98,12 +98,12 @@ MUTATIONS = [
              "(norm.to_local() if isinstance(norm, DTensor) else norm) ** 2",
              (PARALLEL + "::test_every_parameter_matches_single_process[fsdp-dion]",)),
     # training end to end: a backward pass that reaches only the LM head
-    Mutation("model-backward-stops-at-head", "models/gpt/model.py", "logits = self.lm_head(self.final_norm(x)).float()",
-             "logits = self.lm_head(self.final_norm(x).detach()).float()",
+    Mutation("model-backward-stops-at-head", "models/gpt/model.py", "logits = self.lm_head(x).float()",
+             "logits = self.lm_head(x.detach()).float()",
              ("tests/training/test_every_optimizer.py::test_optimizer_lowers_the_loss_in_train_py[adamw]",
               "tests/training/test_every_optimizer.py::test_optimizer_lowers_the_loss_in_train_py[dion]")),
     # every gradient in every layout
-    Mutation("tp-plan-missing-q-norm", "trainer/distributed.py",
+    Mutation("tp-plan-missing-q-norm", "models/gpt/parallelize.py",
              '            "attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),\n', "",
              (PARALLEL + "::test_every_parameter_matches_single_process[tp-adamw]",)),
     Mutation("dion-scalar-partial-gradient-read-locally", "optimizers/dion/core.py",
