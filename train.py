@@ -30,7 +30,7 @@ from trainer.config import TrainConfig, build_config, help_text
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed, no_gradient_sync,
                                  parallelize, unwrap)
 from trainer.errors import ConfigError, TrainingError, UserError
-from trainer.metrics import RunLogger
+from trainer.metrics import RunLogger, peak_tflops
 from trainer.runlock import lock_run_directories
 from trainer.runtime import StopRequest, exit_with_launcher, interrupts_deferred, keep_large_allocations_in_heap
 from trainer.schedule import build_scheduler, configured_hyperparameters, resume_schedule
@@ -88,6 +88,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
                val_tokens=config.data.val_tokens)
 
     model = build_model(config, env.device)
+    flops_per_token, peak = model.flops_per_token(), peak_tflops(env.device)
     if env.is_main:
         print(describe_model(model, config), flush=True)
     model = parallelize(model, config, env, optimizer_syncs_replicas(config, env))
@@ -236,6 +237,9 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
             elapsed += window
             record = dict(step=step, train_loss=train_loss, lr=lr, tokens=tokens, time=round(elapsed, 4),
                           tokens_per_second=round(window_steps * tokens_per_step / window, 1))
+            record["tflops"] = round(record["tokens_per_second"] * flops_per_token / 1e12, 4)  # all ranks together
+            if peak is not None:
+                record["mfu"] = round(record["tflops"] / (peak * env.world_size), 4)
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm.item()
             if validate_now:

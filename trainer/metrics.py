@@ -55,3 +55,16 @@ class RunLogger:
     def finish(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+# Dense bf16 peak TFLOP/s per GPU (vendor datasheets, without sparsity), matched against torch's device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def peak_tflops(device) -> float | None:
+    """The device's dense bf16 peak, or None when unknown (CPUs, unlisted GPUs): MFU is then not logged."""
+    import torch
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)

@@ -16,7 +16,10 @@ def test_run_writes_metrics_and_resolved_config(tmp_path, capsys):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     for record in records[1:]:
-        assert {"step", "train_loss", "lr", "tokens", "time", "grad_norm"} <= set(record)
+        assert {"step", "train_loss", "lr", "tokens", "time", "grad_norm", "tflops"} <= set(record)
+        # achieved TFLOP/s = tokens/s x training FLOPs per token (6 N + attention; 9.74 MFLOPs for this model)
+        assert record["tflops"] == pytest.approx(record["tokens_per_second"] * 9_738_240 / 1e12, abs=1e-4)
+        assert "mfu" not in record  # no known peak on a CPU
     assert records[4]["tokens"] == 4 * 4 * 32
     assert "val_loss" in records[0] and "val_loss" in records[2] and "val_loss" in records[4]
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
