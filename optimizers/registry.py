@@ -281,8 +281,3 @@ def build_optimizer(name: str, ctx: OptimizerContext) -> torch.optim.Optimizer:
         from optimizers.lion import Lion
         scalar_optimizer = Lion(scalar_groups, lr=lr, betas=betas)
     return CompositeOptimizer([matrix_optimizer, scalar_optimizer])
-
-
-def describe_options(name: str) -> list[tuple[str, Any]]:
-    """(key, default) of every option of `name`, for --help."""
-    return [(key, f.default) for key, f in option_fields(name).items()]

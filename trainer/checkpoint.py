@@ -338,11 +338,6 @@ def _choose(checkpoint_dir: Path, config: dict[str, Any], env: Distributed) -> t
     return None, None
 
 
-def saved_config(path: Path) -> dict[str, Any]:
-    """The config a checkpoint was saved with (from its manifest)."""
-    return json.loads((path / MANIFEST).read_text())["config"]
-
-
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     env: Distributed) -> dict[str, Any]:
     """Load into the (already parallelized) model and optimizer; returns the trainer state. RNG states are

@@ -24,9 +24,6 @@ class LayoutError(UserError):
     """A parallel layout the chosen optimizer or model cannot run (e.g. TP for an optimizer without TP support)."""
 
 
-class DataError(UserError):
-    """Training or validation data that cannot serve the configured batches."""
-
 
 class TrainingError(RuntimeError):
     """The run cannot continue (a non-finite loss, weights or optimizer state); not a user error: printed as one
