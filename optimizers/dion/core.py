@@ -35,8 +35,9 @@ from optimizers.common.hooks import TrainingHooks
 from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.common.scalar_updates import adamw_update, lion_update
 from optimizers.common.tensors import local_gradient, local_tensor
-from optimizers.dion.distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
-                                         as_like, group_size, matrix_layout, process_group, q_placements, run_blocking)
+from optimizers.dion.distributed import (Collectives, HostFlag, MatrixLayout, all_gather_rows, all_reduce,
+                                         all_reduce_mean, as_like, group_size, matrix_layout, process_group,
+                                         q_placements, run_blocking)
 from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sketch, gram, gram_near_identity,
                                     householder_orthonormalize, initial_q, low_rank_dim, nonzero_and_finite,
                                     sketch_rows, sketch_triangular_factor, solve_right_upper)
@@ -160,7 +161,9 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         yield all_reduce(G, layout.row_group)
         valid = nonzero_and_finite(G)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
-        if bool((usable | ~valid).all()):
+        ok = HostFlag(usable | ~valid)  # read after other batches have been issued (DionAsync), see HostFlag
+        yield ok
+        if ok:
             # CholeskyQR2: the first pass leaves |P1^T P1 - I| ~ eps cond(P)^2; a second pass on P1 (cond ~ 1)
             # restores orthonormality to round-off, provided the first pass was close (else fall back).
             P1 = solve_right_upper(P, R)
@@ -168,7 +171,9 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
             yield all_reduce(G1, layout.row_group)
             R, usable = cholesky_upper(torch.where(valid[:, None, None], G1, 0.0))
             usable &= gram_near_identity(G1)
-            if bool((usable | ~valid).all()):
+            ok = HostFlag(usable | ~valid)
+            yield ok
+            if ok:
                 return solve_right_upper(P1, R), valid
         qr_method = QRMethod.RCQR
     if qr_method is QRMethod.RCQR and rows > rank:
@@ -181,7 +186,9 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         G = gram(P1)
         yield all_reduce(G, layout.row_group)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
-        if bool((usable | ~valid).all()):
+        ok = HostFlag(usable | ~valid)
+        yield ok
+        if ok:
             return solve_right_upper(P1, R), valid
     full = yield from all_gather_rows(P, layout.row_group, layout.rows, rows)
     return householder_orthonormalize(full)[:, start:start + length], nonzero_and_finite(full)

@@ -217,6 +217,33 @@ def all_gather_rows(local: Tensor, group: ProcessGroup | None, rows: tuple[int, 
     return gathered.reshape(local.shape[0], world * chunk, local.shape[2])[:, :total]
 
 
+class HostFlag:
+    """A boolean device tensor read on the host without stalling the pipeline: on CUDA it is copied into pinned
+    memory on the current stream and an event is recorded, so the generator can `yield` it like a pending collective;
+    `run_overlapped` then resumes other batches (enqueuing their kernels and collectives) and waits for the event only
+    when this batch is the oldest one in flight. On the CPU the value is there at once. Every rank of the group the
+    value was reduced over reads the same value, so the collectives that follow stay in the same order on every rank.
+    """
+
+    def __init__(self, flag: Tensor):
+        self._event = None
+        if flag.device.type == "cuda":
+            self._host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flag
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def __bool__(self) -> bool:
+        self.wait()
+        return bool(self._host.all())
+
+
 def run_blocking(collectives: Collectives):
     """Drive a generator, waiting for each collective as soon as it is issued; returns the generator's value."""
     try:
