@@ -54,16 +54,37 @@ def evaluate(model, config: TrainConfig, env: Distributed, val_files, device_bat
     return all_reduce_mean(total / count, env).item()
 
 
-def gradient_norm(parameters) -> torch.Tensor:
-    """Global L2 norm of the gradients; DTensor norms are reduced over their meshes."""
+def gradient_norm(parameters, replicate_group=None) -> torch.Tensor:
+    """Global L2 norm of the gradients; DTensor norms are reduced over their meshes. replicate_group: the
+    data-parallel replicas whose gradients are still un-averaged because the optimizer syncs them itself (Dion's
+    compressed P/R sync): the norm is then the one of their mean, as in synchronized training, at the price of one
+    all-reduce of the gradients (in one flat buffer per dtype) on the steps that need the norm."""
     from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if replicate_group is not None and grads:
+        grads = replica_mean(grads, replicate_group)
     squares = []
-    for p in parameters:
-        if p.grad is None:
-            continue
-        norm = torch.linalg.vector_norm(p.grad.float())
+    for grad in grads:
+        norm = torch.linalg.vector_norm(grad.float())
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
     return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+
+def replica_mean(grads: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Copies of `grads` averaged over `group` (the gradients themselves are left for the optimizer)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    averaged = list(locals_)
+    for dtype in dict.fromkeys(g.dtype for g in locals_):
+        indices = [i for i, g in enumerate(locals_) if g.dtype == dtype]
+        flat = torch.cat([locals_[i].reshape(-1) for i in indices])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        for i, piece in zip(indices, flat.split([locals_[i].numel() for i in indices])):
+            averaged[i] = piece.view_as(locals_[i])
+    return [DTensor.from_local(local, g.device_mesh, g.placements, run_check=False, shape=g.shape, stride=g.stride())
+            if isinstance(g, DTensor) else local for g, local in zip(grads, averaged)]
 
 
 @dataclass
@@ -91,7 +112,9 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
     flops_per_token, peak = model.flops_per_token(), peak_tflops(env.device)
     if env.is_main:
         print(describe_model(model, config), flush=True)
-    model = parallelize(model, config, env, optimizer_syncs_replicas(config, env))
+    syncs_replicas = optimizer_syncs_replicas(config, env)
+    model = parallelize(model, config, env, syncs_replicas)
+    unsynced_replicas = env.mesh["dp"].get_group() if syncs_replicas else None  # for the true gradient norm
     optimizer = build_training_optimizer(unwrap(model), config, env)
     hooks = training_hooks(optimizer)
     scheduler = build_scheduler(optimizer, config)
@@ -194,13 +217,13 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
             sync_now = log_now or validate_now or checkpoint_now
             grad_norm = None
             if config.grad_clip > 0:
-                grad_norm = gradient_norm(model.parameters())
+                grad_norm = gradient_norm(model.parameters(), unsynced_replicas)
                 clip = torch.clamp(config.grad_clip / (grad_norm + 1e-6), max=1.0)
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(clip.to(p.grad.device))
             elif log_now and not config.fused_backward:
-                grad_norm = gradient_norm(model.parameters())
+                grad_norm = gradient_norm(model.parameters(), unsynced_replicas)
             refresh_hessian = hooks.hessian_update_due()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -50,9 +50,6 @@ def check_layout(config: TrainConfig, env: Distributed) -> None:
     if config.precision.optimizer_states != "float32" and not get_spec(name).low_precision_states:
         raise LayoutError(f"precision.optimizer_states: optimizer {name!r} keeps float32 states; bfloat16 states are "
                           f"available for: {', '.join(n for n, s in OPTIMIZERS.items() if s.low_precision_states)}")
-    if config.grad_clip > 0 and optimizer_syncs_replicas(config, env):
-        raise LayoutError("grad_clip: not available while the optimizer syncs replicas itself "
-                          "(parallel.replicate_mesh_grad_sync true with dp_size > 1); set it false")
 
 
 def build_training_optimizer(model: nn.Module, config: TrainConfig, env: Distributed) -> torch.optim.Optimizer:

@@ -210,7 +210,8 @@ class TrainConfig:
     precision: PrecisionConfig = key(PrecisionConfig(), "dtypes of compute, FSDP2 communication, optimizer states")
     seed: int = key(0, "seed of the model initialization and the optimizers' random draws")
     compile: bool = key(False, "torch.compile each block")
-    grad_clip: float = key(0.0, "clip the global gradient norm to this; 0 = off")
+    grad_clip: float = key(0.0, "clip the global gradient norm to this; 0 = off (when the optimizer "
+                                 "syncs the replicas itself, the norm of their mean costs a gradient all-reduce)")
     fused_backward: bool = key(False, "step each parameter during backward (the advanced family); needs one "
                                       "micro-batch per step")
     debug: bool = key(False, "autograd anomaly detection")
