@@ -109,9 +109,12 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
                val_tokens=config.data.val_tokens)
 
     model = build_model(config, env.device)
-    flops_per_token, peak = model.flops_per_token(), peak_tflops(env.device)
-    if env.is_main:
+    flops_per_token, peak = model.flops_per_token(), None
+    if env.is_main:  # only rank 0 logs records
         print(describe_model(model, config), flush=True)
+        peak, peak_source = peak_tflops(env.device)
+        print(f"mfu: against {peak:.3g} TFLOP/s per device ({peak_source})" if peak is not None else
+              f"mfu: not logged ({peak_source})", flush=True)
     syncs_replicas = optimizer_syncs_replicas(config, env)
     model = parallelize(model, config, env, syncs_replicas)
     unsynced_replicas = env.mesh["dp"].get_group() if syncs_replicas else None  # for the true gradient norm
