@@ -34,8 +34,10 @@ from optimizers.dion.reference import DionReference
 CLASSES = (DionReference, Dion, DionAsync)
 STEPS = 3
 # Repeated shapes fill batches (and pad DionAsync's shares); 10, 14 and 5 rows split unevenly over 4 ranks, and the
-# 5 x 4 matrix leaves one rank without rows of P.
-SHAPES = [(12, 8), (8, 12), (12, 8), (10, 10), (6, 14), (12, 8), (14, 6), (5, 4)]
+# 5 x 4 matrix leaves one rank without rows of P. The 13 x 9 and 9 x 13 matrices (rank 5 at rank_fraction 0.5, so
+# compressed) give a P or R of 45 or 65 elements summed over the shards, which the divided replica sync pads to an
+# even split over 2 shards (7 / 6 rows or 5 / 4 columns per shard, depending on the layout).
+SHAPES = [(12, 8), (8, 12), (12, 8), (10, 10), (6, 14), (12, 8), (14, 6), (13, 9), (9, 13), (13, 9), (5, 4)]
 NAN_MATRIX = len(SHAPES) - 1
 # The NaN goes into the last step, so that a rank that took it for a valid matrix still holds the damage at the end.
 LAST_STEP = STEPS - 1
