@@ -95,7 +95,7 @@ class Dion(DionBase):
         layout = head.layout
         momenta = [task.momentum for task in tasks]
         grads = [task.grad for task in tasks]
-        if self._replicate_group is not None and not head.compressed:
+        if head.average_gradient:
             stacked = torch.stack(grads)
             yield from all_reduce_mean(stacked, self._replicate_group)
             grads = stacked.unbind(0)

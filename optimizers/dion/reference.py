@@ -32,7 +32,7 @@ def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None
     A zero or non-finite B leaves M and Q unchanged and makes the low-rank term zero (weight decay still applies)."""
     layout = task.layout
     G = task.grad
-    if replicate_group is not None and not task.compressed:
+    if task.average_gradient:
         G = G.clone()
         yield from all_reduce_mean(G, replicate_group)
     compressed_group = replicate_group if task.compressed else None
