@@ -10,8 +10,8 @@ whole 50k-row tables and the full (tokens, vocab) logits.
 - embedding: row-parallel on the (vocab, d) table; each rank looks up the ids it owns (the others give zero rows)
   and one all-reduce sums the partial outputs into the replicated residual stream;
 - LM head: column-parallel, its logits stay sharded on the vocabulary dimension;
-- loss: `vocab_parallel_cross_entropy` takes the logsumexp over the shards with three reductions per token (max,
-  sum of exponentials, target logit; the last two in one all-reduce), and its backward is local (softmax minus the
+- loss: `vocab_parallel_cross_entropy` takes the logsumexp over the shards with three all-reduces of one number
+  per token (max, sum of exponentials, target log-probability), and its backward is local (softmax minus the
   one-hot of the owned targets), so the full-vocab logits and their gradient never exist on a rank. The gradient
   reaching the replicated hidden states is summed over the shards by the column-parallel head's input.
 This replaces `GPT.output` on the instance. torch's `loss_parallel` context is not used: it routes the
@@ -89,26 +89,29 @@ def vocab_parallel_cross_entropy(logits: Tensor, targets: Tensor, vocab_start: i
 
 
 class _VocabParallelCrossEntropySum(torch.autograd.Function):
+    """The arithmetic of torch's CPU/CUDA log-softmax + NLL (log-probabilities x - max - log(sum exp), gradient
+    exp(log-probabilities) - one-hot), so that the rounding matches the replicated head's closely: AdamW's first
+    steps amplify gradient round-off in weights whose gradients are still tiny (docs/testing.md)."""
+
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, vocab_start: int, group) -> Tensor:
-        row_max = logits.max(dim=-1).values
+        row_max = logits.max(dim=-1, keepdim=True).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - row_max.unsqueeze(-1)
+        log_probs = logits - row_max
+        sum_exp = log_probs.exp().sum(dim=-1, keepdim=True)
+        dist.all_reduce(sum_exp, group=group)
+        log_probs.sub_(sum_exp.log_())
         local_targets = targets - vocab_start
         owned = (local_targets >= 0) & (local_targets < logits.size(-1))
         local_targets = torch.where(owned, local_targets, 0)
-        target_logit = torch.where(owned, shifted.gather(-1, local_targets.unsqueeze(-1)).squeeze(-1), 0.0)
-        exp = shifted.exp_()
-        sums = torch.stack([exp.sum(dim=-1), target_logit])
-        dist.all_reduce(sums, group=group)
-        sum_exp, target_logit = sums
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_targets, owned)
-        return (sum_exp.log() - target_logit).sum()
+        target_log_prob = torch.where(owned, log_probs.gather(-1, local_targets.unsqueeze(-1)).squeeze(-1), 0.0)
+        dist.all_reduce(target_log_prob, group=group)
+        ctx.save_for_backward(log_probs, local_targets, owned)
+        return -target_log_prob.sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        softmax, local_targets, owned = ctx.saved_tensors
-        grad = softmax * grad_output
+        log_probs, local_targets, owned = ctx.saved_tensors
+        grad = log_probs.exp().mul_(grad_output)
         grad.scatter_add_(-1, local_targets.unsqueeze(-1), (-grad_output * owned.to(grad.dtype)).unsqueeze(-1))
         return grad, None, None, None
