@@ -102,6 +102,9 @@ class ParallelConfig:
                                                "do so; false = DDP/FSDP all-reduce full gradients")
     activation_checkpointing: str = key("none", "recompute block activations in backward: none, full (every "
                                                 "block), selective (every second block)")
+    vocab_parallel: bool = key(True, "with tp_size > 1: shard the token embedding, LM head and cross-entropy on "
+                                     "the vocabulary over the TP ranks (false = every TP rank holds and computes "
+                                     "the whole head)")
 
     def __post_init__(self):
         for name in ("dp_size", "fs_size", "tp_size"):

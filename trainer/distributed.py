@@ -126,7 +126,7 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimiz
         if apply_tensor_parallel is None:
             raise LayoutError(f"parallel.tp_size: model {config.model_name!r} has no tensor-parallel plan")
         try:
-            apply_tensor_parallel(model, env.mesh["tp"])
+            apply_tensor_parallel(model, env.mesh["tp"], vocab_parallel=config.parallel.vocab_parallel)
         except ValueError as error:
             raise LayoutError(str(error)) from None
     apply_activation_checkpointing(model, config.parallel.activation_checkpointing)

@@ -3,7 +3,8 @@
 Pre-norm blocks with RMSNorm, rotary position embeddings, QK-norm, causal scaled-dot-product attention, ReLU^2 MLP
 with 4x expansion, no biases, untied token embedding and LM head. No distributed code lives here: tensor
 parallelism only relies on the attention reshapes using the *local* number of heads (`-1` in the view), so a
-column-sharded q/k/v projection just sees fewer heads.
+column-sharded q/k/v projection just sees fewer heads, and on `GPT.output` (LM head + loss) being one method that
+the TP plan can replace on the instance with its vocab-parallel version (`parallelize.py`).
 
 Initialization (chosen for orthonormalized optimizers such as Dion and Muon, whose updates have a fixed spectral
 size regardless of the weight's scale):
@@ -16,6 +17,7 @@ size regardless of the weight's scale):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -133,16 +135,23 @@ def _chunk_loss_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
 
 
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
-    """mean_i CE(hidden_i W^T, target_i) over all tokens, `chunk_tokens` rows at a time. Each chunk's logits are
-    recomputed in backward (activation checkpointing), so at most one chunk of (chunk_tokens, vocab) float32 logits
-    exists at any time instead of (batch x seq, vocab). hidden: (..., d); targets: (...) int64; weight: (vocab, d)."""
+def chunked_loss(loss_sum: Callable[[Tensor, Tensor], Tensor], hidden: Tensor, targets: Tensor,
+                 chunk_tokens: int) -> Tensor:
+    """mean over all tokens of `loss_sum(hidden rows, their targets)` (a summed loss), taken `chunk_tokens` rows at
+    a time, each chunk recomputed in backward (activation checkpointing): only one chunk's logits exist at a time.
+    hidden: (..., d); targets: (...) int64."""
     from torch.utils.checkpoint import checkpoint
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        total = total + checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False)
+        total = total + checkpoint(loss_sum, h, t, use_reentrant=False)
     return total / targets.numel()
+
+
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """mean_i CE(hidden_i W^T, target_i) over all tokens, `chunk_tokens` rows at a time, so at most one chunk of
+    (chunk_tokens, vocab) float32 logits exists at any time instead of (batch x seq, vocab). weight: (vocab, d)."""
+    return chunked_loss(lambda h, t: _chunk_loss_sum(h, weight, t), hidden, targets, chunk_tokens)
 
 
 class GPT(nn.Module):
@@ -174,10 +183,14 @@ class GPT(nn.Module):
         x = self.embed(inputs)
         for block in self.blocks:
             x = block(x)
-        x = self.final_norm(x)
+        return self.output(self.final_norm(x), targets)
+
+    def output(self, hidden: Tensor, targets: Tensor | None = None) -> Tensor:
+        """The LM head on the final hidden states: float32 logits without targets, else the mean cross-entropy
+        (chunked when loss_chunk_tokens > 0). The TP plan replaces it on the instance with a vocab-parallel head."""
         if targets is not None and self.config.loss_chunk_tokens:
-            return chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk_tokens)
-        logits = self.lm_head(x).float()
+            return chunked_cross_entropy(hidden, self.lm_head.weight, targets, self.config.loss_chunk_tokens)
+        logits = self.lm_head(hidden).float()
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
