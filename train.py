@@ -16,8 +16,8 @@ import os
 import sys
 import time
 import uuid
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 

@@ -12,8 +12,8 @@ is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp.
 from __future__ import annotations
 
 import contextlib
-import functools
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
