@@ -5,7 +5,8 @@ Each configuration runs in a fresh process group (torchrun, `--nproc` ranks of F
 the model as train.py does (meta device or not, parallelize, initialize), builds the optimizer and trains `--steps`
 steps of two micro-batches of random tokens per rank (so the optimizer states exist and the gradients are
 accumulated). Memory per rank:
-- CPU: the resident set size (RSS): `peak` is the process's high-water mark (getrusage ru_maxrss), `startup` the
+- CPU: the resident set size (RSS), with every allocation over 64 KiB served by mmap and unmapped when freed (so
+  the RSS follows the live tensors): `peak` is the process's high-water mark (getrusage ru_maxrss), `startup` the
   RSS after imports and process-group setup; `above startup` = peak - startup is what the model and the step need.
 - CUDA: torch.cuda.max_memory_allocated (the caching allocator's live tensors), zero at startup.
 `init` is the peak once the model and optimizer are built, before the first step; `step` the peak over the steps.
@@ -123,7 +124,10 @@ def worker(out: Path, steps: int, config_args: list[str]) -> None:
     config = build_config(config_args)
     env = init_distributed(config)
     if env.device.type == "cpu":
-        keep_large_allocations_in_heap()
+        # Every block over 64 KiB from mmap, returned to the kernel when freed: the RSS then follows the live tensors,
+        # and its peak is theirs rather than that of a heap fragmented by freed activations (train.py keeps freed
+        # blocks in the heap for speed, which made the same configuration's two ranks differ by up to 0.5 GiB).
+        keep_large_allocations_in_heap(limit_bytes=64 * 1024)
         startup = current_rss_bytes()
     else:
         torch.cuda.reset_peak_memory_stats(env.device)

@@ -2,7 +2,8 @@
 
 On the tiny shape (8 blocks of width 64, 8 sequences of 1024 tokens per rank, a 512-token vocabulary) the blocks'
 activations are most of the step's memory, so full activation checkpointing, which keeps only each block's input,
-must lower the peak by far more than RSS noise (measured: 0.55 of the baseline above startup)."""
+must lower the peak by far more than RSS noise (measured: 0.36 of the baseline above startup; the two ranks agree
+to 1 MiB)."""
 from __future__ import annotations
 
 import json

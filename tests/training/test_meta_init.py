@@ -25,6 +25,7 @@ LAYOUTS = {
     "fsdp": (2, ["--fs_size", "2"]),
     "hsdp_2x2": (4, ["--dp_size", "2", "--fs_size", "2"]),
     "tp": (2, ["--tp_size", "2"]),
+    "fsdp_tp": (4, ["--fs_size", "2", "--tp_size", "2"]),
 }
 
 
