@@ -16,15 +16,15 @@ import os
 import sys
 import time
 import uuid
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from data import DistributedTokenLoader, ShardError, check_data, validation_batches
 from optimizers.common.hooks import training_hooks
-from trainer.build import (build_model, build_training_optimizer, check_layout, data_files, describe_model,
-                           micro_batch_size, optimizer_syncs_replicas)
+from trainer.build import (build_model, build_training_optimizer, builds_on_meta, check_layout, data_files,
+                           describe_model, initialize_sharded, micro_batch_size, optimizer_syncs_replicas)
 from trainer.checkpoint import choose_resume_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, build_config, help_text
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed, no_gradient_sync,
@@ -108,7 +108,8 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
                num_steps=config.schedule.num_iterations, vocab_size=config.model.vocab_size,
                val_tokens=config.data.val_tokens)
 
-    model = build_model(config, env.device)
+    meta = builds_on_meta(config, env)  # sharded layouts: no rank ever holds the whole model
+    model = build_model(config, env.device, meta=meta)
     flops_per_token, peak = model.flops_per_token(), None
     if env.is_main:  # only rank 0 logs records
         print(describe_model(model, config), flush=True)
@@ -117,6 +118,8 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
               f"mfu: not logged ({peak_source})", flush=True)
     syncs_replicas = optimizer_syncs_replicas(config, env)
     model = parallelize(model, config, env, syncs_replicas)
+    if meta:
+        initialize_sharded(model, config, env.device)
     unsynced_replicas = env.mesh["dp"].get_group() if syncs_replicas else None  # for the true gradient norm
     optimizer = build_training_optimizer(unwrap(model), config, env)
     hooks = training_hooks(optimizer)
@@ -200,6 +203,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
     def train_steps() -> None:
         nonlocal step, elapsed, tokens
         tokens_per_step = config.tokens_per_step
+        sharded_accumulation = config.parallel.fsdp_gradient_accumulation == "sharded"
         first_loss, warned_divergence = None, False
         window_started, window_steps = time.perf_counter(), 0  # steps since the last host sync
         while step < num_iterations:
@@ -207,7 +211,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
             train_loss = torch.zeros((), device=env.device)  # stays on the device until a sync step
             for micro in range(accumulation):
                 inputs, targets = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
-                with no_gradient_sync(model, sync=micro == accumulation - 1), autocast():
+                with no_gradient_sync(model, micro == accumulation - 1, sharded_accumulation), autocast():
                     loss = model(inputs, targets) / accumulation
                 hooks.prepare_backward(last_micro_batch=micro == accumulation - 1)
                 loss.backward()
