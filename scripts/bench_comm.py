@@ -246,8 +246,8 @@ def own_sync_share_in_backward(row: dict) -> float | None:
 
 def table(rows: list[dict], detail: bool) -> str:
     lines = ["| case | ranks | dp x fs | backward, replicas: MB measured / formula | step, replicas: MB measured / "
-             "formula | backward, shards, reduce-scatter: MB measured / formula | other collectives, MB | own replica sync issued "
-             "in backward |", "|---|---|---|---|---|---|---|---|"]
+             "formula | backward, shards, reduce-scatter: MB measured / formula | other collectives, MB | own "
+             "replica sync issued in backward |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         formula = row["formula"]
         cells = []
