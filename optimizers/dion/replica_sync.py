@@ -98,6 +98,8 @@ class BucketedGradientAverage:
             self._started += 1
         for work, flat, params, grads in self._in_flight:
             work.wait()
+            if flat.is_cuda:  # allocated on FSDP2's reduce-scatter stream, now used on this one
+                flat.record_stream(torch.cuda.current_stream(flat.device))
             flat.div_(self._world)
             for p, grad, piece in zip(params, grads, flat.split([g.numel() for g in grads])):
                 averaged = piece.view_as(grad)
