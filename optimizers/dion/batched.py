@@ -62,15 +62,17 @@ class Dion(DionBase):
             batches.extend(same[i:i + size] for i in range(0, len(same), size))
         return batches
 
-    def _orthonormalized(self, P: Tensor, tasks: list[MatrixTask]) -> Collectives:
+    def _orthonormalized(self, P: Tensor, tasks: list[MatrixTask], reduced: bool = False) -> Collectives:
         """orth(P) for a stack of partial P = B Q (summed over the column shards and averaged over the replicas of a
-        compressed sync first). Returns (P in P's dtype, (b,) bool valid), as `orthonormalize`."""
+        compressed sync first, unless `reduced`: done during backward). Returns (P in P's dtype, (b,) bool valid), as
+        `orthonormalize`."""
         head = tasks[0]
         layout = head.layout
         replicas = self._replicate_group if head.compressed else None
         owners = self._owner_group(head)
         if owners is None:
-            yield from sum_then_average(P, layout.column_group, replicas)
+            if not reduced:
+                yield from sum_then_average(P, layout.column_group, replicas)
             orthonormal, valid = yield from orthonormalize(P, head.qr_method, layout, head.sketch_seed,
                                                            self._rcqr_oversample)
             return orthonormal.to(P.dtype), valid
@@ -106,8 +108,12 @@ class Dion(DionBase):
         Q_old = torch.stack([task.Q for task in tasks])
         Q = Q_old.to(B.dtype)
         replicas = self._replicate_group if head.compressed else None
-        for _ in range(self._power_iters):
-            P, valid = yield from self._orthonormalized(torch.bmm(A, Q), tasks)
+        for iteration in range(self._power_iters):
+            if iteration == 0 and head.projection is not None:  # averaged during backward
+                P, valid = yield from self._orthonormalized(torch.stack([task.projection for task in tasks]), tasks,
+                                                            reduced=True)
+            else:
+                P, valid = yield from self._orthonormalized(torch.bmm(A, Q), tasks)
             R = torch.bmm(A.mT, P)
             yield from sum_then_average(R, layout.row_group, replicas)
             Q = R
