@@ -244,6 +244,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
         self._layouts: dict[Tensor, MatrixLayout] = {}
         self._checked_state: set[Tensor] = set()
         self._backward_sync: BackwardReplicaSync | None = None  # created by the first prepare_backward
+        self._group_of: dict[Tensor, dict] = {}  # each parameter's group, refreshed by prepare_backward
         defaults = dict(lr=lr, mu=mu, betas=tuple(betas), weight_decay=weight_decay, epsilon=epsilon,
                         rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, algorithm=DION,
                         step=0)
@@ -281,19 +282,19 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
                     params.append(p)
             self._backward_sync = BackwardReplicaSync(params, self._replicate_group, self.gradient_bucket_bytes,
                                                       projected, self._first_projection)
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
         self._backward_sync.arm(last_micro_batch)
 
     @torch.no_grad()
-    def _first_projection(self, p: Tensor) -> Tensor | None:
+    def _first_projection(self, p: Tensor) -> Tensor:
         """P = A Q with A = M + G (or its transpose in Dion's orientation), as the first power iteration computes
-        it, from the final gradient and the previous step's M and Q; None before the state exists (or is checked
-        after a load), leaving the matrix to step()."""
-        if p not in self._checked_state:
-            return None
-        state = self.state[p]
+        it, from the final gradient and the previous step's M and Q (created here on the first step, as step()
+        would create them, so that every step, resumed or not, takes this path)."""
+        layout = self._layout(p)
+        state = self._matrix_state(p, self._group_of[p], layout)
         momentum = local_tensor(state["momentum"])
         B = torch.add(momentum, local_gradient(p)).to(momentum.dtype)
-        A = B.T if self._layout(p).transposed else B
+        A = B.T if layout.transposed else B
         return A @ local_tensor(state["Q"]).to(B.dtype)
 
     @torch.no_grad()

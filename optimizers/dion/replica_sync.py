@@ -13,7 +13,7 @@ starts from the averaged P.
   last layers' gradients first), one dtype per bucket;
 - a bucket's all-reduce starts when all of its gradients are final, strictly in bucket order, so every rank issues the
   same collectives in the same order whatever order the hooks fire in; a projected matrix contributes its P
-  (`project(param)`, or nothing when it returns None, e.g. before the first step has created the state);
+  (`project(param)`) instead of its gradient;
 - at the end of backward (an autograd engine callback) the buckets not started yet are started (a parameter without a
   gradient is left out), all are waited for, and the averages are written back into `.grad` (gradients) or kept in
   `projections` (P).
@@ -45,11 +45,10 @@ def _queue_end_of_backward(callback) -> None:
 
 class BackwardReplicaSync:
     """Average over `group`, during the backward that `arm(True)` announced, the gradients of `params`, except for
-    the parameters in `projected`, whose contribution is `project(param)` (a P = (M + G) Q, or None to leave the
-    parameter to step())."""
+    the parameters in `projected`, whose contribution is `project(param)` (a P = (M + G) Q)."""
 
     def __init__(self, params: list[Tensor], group: ProcessGroup, bucket_bytes: int,
-                 projected: set[Tensor] | None = None, project: Callable[[Tensor], Tensor | None] | None = None):
+                 projected: set[Tensor] | None = None, project: Callable[[Tensor], Tensor] | None = None):
         self._group = group
         self._world = dist.get_world_size(group)
         self._projected = projected or set()
@@ -99,14 +98,8 @@ class BackwardReplicaSync:
             self._started += 1
 
     def _start(self, bucket: list[Tensor]) -> None:
-        params, payloads = [], []
-        for p in bucket:
-            if p.grad is None:
-                continue
-            payload = self._project(p) if p in self._projected else local_gradient(p)
-            if payload is not None:
-                params.append(p)
-                payloads.append(payload)
+        params = [p for p in bucket if p.grad is not None]
+        payloads = [self._project(p) if p in self._projected else local_gradient(p) for p in params]
         if not params:
             return
         flat = torch.cat([t.reshape(-1) for t in payloads])

@@ -80,11 +80,11 @@ def assert_backward_sync_matches_in_step_sync(result: dict, saved: dict[str, lis
 
 
 def test_replica_averages_started_in_backward_with_accumulation_equal_in_step_averages_ddp(two_ranks):
-    # Every step: the scalar and the full-gradient all-reduce. From the second step (the state exists), also the
-    # first P of each compressed matrix: one per batch for Dion (16 x 6 pair, 6 x 16), one per matrix for
-    # DionReference; DionAsync reduce-scatters its P in step().
+    # Every step: the scalar and the full-gradient all-reduce, and the first P of each compressed matrix (the
+    # first step's state is created in backward): one per batch for Dion (the 16 x 6 pair, 6 x 16), one per matrix
+    # for DionReference; DionAsync reduce-scatters its P in step().
     assert_backward_sync_matches_in_step_sync(two_ranks["backward_sync_ddp"],
-                                              dict(DionReference=[2, 5], Dion=[2, 4], DionAsync=[2]))
+                                              dict(DionReference=[5], Dion=[4], DionAsync=[2]))
 
 
 def test_replica_averages_started_in_backward_after_fsdp2_reduce_scatter_equal_in_step_averages_hsdp(four_ranks):
