@@ -36,9 +36,11 @@ LAYOUTS = {
     "hsdp_1x2": (2, ["--dp_size", "1", "--fs_size", "2"]),
     "hsdp_2x2": (4, ["--dp_size", "2", "--fs_size", "2"]),
     "fsdp_tp": (4, ["--fs_size", "2", "--tp_size", "2"]),
+    "dp_tp": (4, ["--dp_size", "2", "--tp_size", "2"]),
 }
 CASES = [("ddp", "adamw"), ("fsdp", "dion"), ("tp", "adamw"), ("tp", "dion"), ("tp", "adam_adv"),
-         ("hsdp_2x1", "dion"), ("hsdp_1x2", "adamw"), ("hsdp_2x2", "dion"), ("fsdp_tp", "adamw")]
+         ("hsdp_2x1", "dion"), ("hsdp_1x2", "adamw"), ("hsdp_2x2", "dion"), ("fsdp_tp", "adamw"),
+         ("dp_tp", "dion")]  # Dion syncs the replicas of TP shards: P/R divided over tp, Partial gradients in hooks
 # A layout may differ from one process by this fraction of the parameter's movement. Float32 reordering gives
 # ~1e-5; the token embedding up to ~4e-3, since AdamW's first steps turn its near-zero gradients (rows whose tokens
 # barely reach the loss yet) into full-size updates, so their round-off is amplified. A TP plan without
