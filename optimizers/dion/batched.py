@@ -13,9 +13,9 @@ batched call (torch.bmm / baddbmm) and every collective moves a whole stack:
 The communication pattern of each sharding case is the one of optimizers/dion/distributed.py: no rank ever gathers a
 sharded matrix, only the low-rank P, R and r x r Gram matrices travel, and the replicas average only this rank's share
 of a P or R that its shard group holds in common (`sum_then_average`). A first P averaged during backward
-(`MatrixTask.projection`, optimizers/dion/replica_sync.py) replaces the first bmm and its all-reduce. `optimizers.dion.reference.DionReference` is
-the one-matrix-at-a-time twin; `optimizers.dion.overlapped.DionAsync` divides the orthonormalization among ranks and
-overlaps batches.
+(`MatrixTask.projection`, optimizers/dion/replica_sync.py) replaces the first bmm and its all-reduce.
+`optimizers.dion.reference.DionReference` is the one-matrix-at-a-time twin; `optimizers.dion.overlapped.DionAsync`
+divides the orthonormalization among ranks and overlaps batches.
 """
 from __future__ import annotations
 
