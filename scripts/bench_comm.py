@@ -20,9 +20,11 @@ compressed when (m + n) r < m n):
 - replicas, backward, synced by the wrapper: DDP all-reduces every gradient, 4 N; HSDP (FSDP2 on the 2-D mesh)
   all-reduces each rank's reduce-scattered shard, 4 N_fs / fs.
 - replicas, backward, synced by Dion itself: the full gradients (scalar-algorithm parameters, uncompressed matrices),
-  local shards, 4 sum(numel) / fs, from post-accumulate-grad hooks.
+  local shards, 4 sum(numel) / fs, from post-accumulate-grad hooks (plus the first P without shards, below).
 - replicas, step, Dion's compressed matrices: P and R, each rank averaging 1/fs of what its shard group sums,
-  4 sum (m + n) r / fs (issue 15's acceptance: measured within 10%). dion_async divides the orthonormalization: a P
+  4 sum (m + n) r / fs (issue 15's acceptance: measured within 10%). Without shards (fs = 1) Dion and
+  dion_reference compute and average the first P = (M + G) Q during backward: 4 sum max(m, n) r moves to the
+  backward column, 4 sum min(m, n) r (R) stays in step. dion_async divides the orthonormalization: a P
   that no shard group sums (rows sharded or unsharded) is reduce-scattered over the replicas and all-gathered back,
   4 sum b' (m / fs) r (1 + 1 / dp) per batch of b matrices padded to b' (a multiple of dp), where Dion all-reduces
   4 b (m / fs) r; a P summed over the shard group is reduce-scattered there and each rank averages b' / fs matrices.
@@ -170,10 +172,14 @@ def formulas(name: str, config, groups: dict[str, list[tuple[int, ...]]], dp: in
                 compressed[(m, n)] += 1
             else:
                 full.append((m, n))
-        out["backward/replicas"] = FLOAT_BYTES * sum(torch.Size(s).numel() for s in full) / fs
+        early = 0.0  # first P of compressed matrices that no shard group sums: averaged during backward
         pr = 0.0
         for (m, n), count in compressed.items():
             r = low_rank_dim(m, n, rank_fraction, 1)
+            if optimizer != "dion_async" and fs == 1:
+                early += count * max(m, n) * r
+                pr += count * min(m, n) * r
+                continue
             if optimizer != "dion_async":
                 pr += count * (m + n) * r / fs
                 continue
@@ -188,6 +194,7 @@ def formulas(name: str, config, groups: dict[str, list[tuple[int, ...]]], dp: in
                 pr += padded_count * rows * r / fs * (1 + 1 / dp) + count * columns * r / fs
             else:  # P summed over the shards and divided there (each rank averages padded_count / fs matrices)
                 pr += padded_count / fs * rows * r + count * columns * r / fs
+        out["backward/replicas"] = FLOAT_BYTES * (sum(torch.Size(s).numel() for s in full) / fs + early)
         out["step/replicas"] = FLOAT_BYTES * pr
     return out
 
@@ -246,8 +253,8 @@ def own_sync_share_in_backward(row: dict) -> float | None:
 
 def table(rows: list[dict], detail: bool) -> str:
     lines = ["| case | ranks | dp x fs | backward, replicas: MB measured / formula | step, replicas: MB measured / "
-             "formula | backward, shards, reduce-scatter: MB measured / formula | other collectives, MB | own replica sync issued "
-             "in backward |", "|---|---|---|---|---|---|---|---|"]
+             "formula | backward, shards, reduce-scatter: MB measured / formula | other collectives, MB | own "
+             "replica sync issued in backward |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         formula = row["formula"]
         cells = []

@@ -33,6 +33,9 @@ SU = "optimizers/common/scalar_updates.py"
 PARALLEL = "tests/training/test_parallel_params.py"
 VOCAB_PARALLEL = "tests/models/test_vocab_parallel.py"
 VALIDATION = "tests/dataio/test_validation_ranks.py"
+DION_DISTRIBUTED = "tests/optimizers/test_dion_distributed.py"
+BACKWARD_SYNC_DDP = (f"{DION_DISTRIBUTED}::test_replica_averages_started_in_backward_with_accumulation_equal_in_step_"
+                     "averages_ddp")
 RESUME_RNG = "tests/training/test_resume_rng.py"
 MUTATIONS = [
     Mutation("model-non-causal", "models/gpt/model.py", "is_causal=True", "is_causal=False", (MODEL,)),
@@ -147,6 +150,26 @@ MUTATIONS = [
     Mutation("dion-initial-q-uniform", "optimizers/dion/linalg.py", "return torch.randn((rows, rank), generator",
              "return torch.rand((rows, rank), generator",
              ("tests/optimizers/test_dion.py::test_initial_q_is_seeded_gaussian_in_the_short_orientation",)),
+    # Dion's replica sync (issue 15): divided over the shard group, started during backward
+    Mutation("dion-divided-sync-tail-slice", "optimizers/dion/distributed.py",
+             "tensor.copy_(flat[:numel].view_as(tensor))", "tensor.copy_(flat[flat.numel() - numel:].view_as(tensor))",
+             (f"{DION_DISTRIBUTED}::test_hsdp_replicate_times_outer_matches_single_process[hsdp_synthetic]",)),
+    Mutation("dion-divided-sync-undivided", "optimizers/dion/distributed.py",
+             "    if group is None or replicas is None:\n        yield all_reduce(tensor, group)",
+             "    if True:\n        yield all_reduce(tensor, group)",
+             ("tests/scripts/test_bench_comm.py::test_dion_hsdp_matrix_bytes_per_rank_within_ten_percent_of_m_plus_n_r"
+              "_over_fs",)),
+    Mutation("dion-backward-sync-sum-not-mean", "optimizers/dion/replica_sync.py", "flat.div_(self._world)", "pass",
+             (BACKWARD_SYNC_DDP,)),
+    Mutation("dion-step-averages-again", "optimizers/dion/core.py", "            if p not in averaged:",
+             "            if True:", (BACKWARD_SYNC_DDP,)),
+    Mutation("dion-first-projection-without-gradient", "optimizers/dion/core.py",
+             "B = torch.add(momentum, local_gradient(p)).to(momentum.dtype)", "B = momentum.clone()",
+             (BACKWARD_SYNC_DDP,)),
+    Mutation("loop-announces-first-micro-batch-as-last", "train.py",
+             "hooks.prepare_backward(last_micro_batch=micro == accumulation - 1)",
+             "hooks.prepare_backward(last_micro_batch=micro == 0)",
+             ("tests/training/test_backward_announcement.py",)),
 ]
 
 

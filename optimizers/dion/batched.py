@@ -12,9 +12,10 @@ batched call (torch.bmm / baddbmm) and every collective moves a whole stack:
 
 The communication pattern of each sharding case is the one of optimizers/dion/distributed.py: no rank ever gathers a
 sharded matrix, only the low-rank P, R and r x r Gram matrices travel, and the replicas average only this rank's share
-of a P or R that its shard group holds in common (`sum_then_average`). `optimizers.dion.reference.DionReference` is
-the one-matrix-at-a-time twin; `optimizers.dion.overlapped.DionAsync` divides the orthonormalization among ranks and
-overlaps batches.
+of a P or R that its shard group holds in common (`sum_then_average`). A first P averaged during backward
+(`MatrixTask.projection`, optimizers/dion/replica_sync.py) replaces the first bmm and its all-reduce.
+`optimizers.dion.reference.DionReference` is the one-matrix-at-a-time twin; `optimizers.dion.overlapped.DionAsync`
+divides the orthonormalization among ranks and overlaps batches.
 """
 from __future__ import annotations
 
@@ -62,15 +63,17 @@ class Dion(DionBase):
             batches.extend(same[i:i + size] for i in range(0, len(same), size))
         return batches
 
-    def _orthonormalized(self, P: Tensor, tasks: list[MatrixTask]) -> Collectives:
+    def _orthonormalized(self, P: Tensor, tasks: list[MatrixTask], reduced: bool = False) -> Collectives:
         """orth(P) for a stack of partial P = B Q (summed over the column shards and averaged over the replicas of a
-        compressed sync first). Returns (P in P's dtype, (b,) bool valid), as `orthonormalize`."""
+        compressed sync first, unless `reduced`: done during backward). Returns (P in P's dtype, (b,) bool valid), as
+        `orthonormalize`."""
         head = tasks[0]
         layout = head.layout
         replicas = self._replicate_group if head.compressed else None
         owners = self._owner_group(head)
         if owners is None:
-            yield from sum_then_average(P, layout.column_group, replicas)
+            if not reduced:
+                yield from sum_then_average(P, layout.column_group, replicas)
             orthonormal, valid = yield from orthonormalize(P, head.qr_method, layout, head.sketch_seed,
                                                            self._rcqr_oversample)
             return orthonormal.to(P.dtype), valid
@@ -106,8 +109,12 @@ class Dion(DionBase):
         Q_old = torch.stack([task.Q for task in tasks])
         Q = Q_old.to(B.dtype)
         replicas = self._replicate_group if head.compressed else None
-        for _ in range(self._power_iters):
-            P, valid = yield from self._orthonormalized(torch.bmm(A, Q), tasks)
+        for iteration in range(self._power_iters):
+            if iteration == 0 and head.projection is not None:  # averaged during backward
+                P, valid = yield from self._orthonormalized(torch.stack([task.projection for task in tasks]), tasks,
+                                                            reduced=True)
+            else:
+                P, valid = yield from self._orthonormalized(torch.bmm(A, Q), tasks)
             R = torch.bmm(A.mT, P)
             yield from sum_then_average(R, layout.row_group, replicas)
             Q = R

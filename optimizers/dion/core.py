@@ -42,7 +42,7 @@ from optimizers.dion.distributed import (Collectives, HostFlag, MatrixLayout, al
 from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sketch, gram, gram_near_identity,
                                     householder_orthonormalize, initial_q, low_rank_dim, nonzero_and_finite,
                                     sketch_rows, sketch_triangular_factor, solve_right_upper)
-from optimizers.dion.replica_sync import BucketedGradientAverage
+from optimizers.dion.replica_sync import BackwardReplicaSync
 
 DION = "dion"  # the param-group algorithm of the matrices
 
@@ -131,6 +131,7 @@ class MatrixTask:
     qr_method: QRMethod
     compressed: bool
     average_gradient: bool  # the replicas' full-gradient average is still to do (not compressed, not done in backward)
+    projection: Tensor | None  # the first P = A Q, averaged over the replicas during backward (None: compute it here)
     step: int
 
     @property
@@ -142,7 +143,8 @@ class MatrixTask:
         layout = self.layout
         return (layout.shape, layout.transposed, layout.row_group, layout.column_group, tuple(self.param.shape),
                 tuple(self.Q.shape), self.param.dtype, self.grad.dtype, self.momentum.dtype, self.Q.dtype, self.lr,
-                self.mu, self.weight_decay, self.epsilon, self.qr_method, self.compressed, self.average_gradient)
+                self.mu, self.weight_decay, self.epsilon, self.qr_method, self.compressed, self.average_gradient,
+                self.projection is not None)
 
 
 def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_seed: int,
@@ -211,13 +213,17 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
     a Dion matrix when (m + n) r < m n (the momenta of the replicas then differ, but their mean is the momentum of
     synchronized training, and every replica applies the same update), the full gradient otherwise and for the
     scalar algorithms. Call `synchronize_for_checkpoint()` before saving so that every replica holds the same state.
-    A loop that calls `prepare_backward(last_micro_batch)` before each backward gets the full-gradient averages
-    started during the last micro-batch's backward (bucketed, from post-accumulate-grad hooks); otherwise, and for
-    gradients that no backward produced, step() averages them.
+    A loop that calls `prepare_backward(last_micro_batch)` before each backward gets the full-gradient averages,
+    and the first P = (M + G) Q of compressed matrices that no shard group sums (`projects_in_backward`), started
+    during the last micro-batch's backward (bucketed, from post-accumulate-grad hooks; optimizers/dion/replica_sync.py);
+    otherwise, and for gradients that no backward produced, step() averages them.
     """
 
-    # Bytes per bucket of the full-gradient average started during backward (DDP's default bucket size).
+    # Bytes per bucket of the replica averages started during backward (DDP's default bucket size).
     gradient_bucket_bytes = 25 * 2 ** 20
+    # Whether the first P = (M + G) Q of a compressed matrix with unsharded rows and columns may be computed and
+    # averaged during backward (the subclass then uses MatrixTask.projection in place of its own first P).
+    projects_in_backward = True
 
     def __init__(self, params, lr: float = 0.01, mu: float = 0.95, betas: tuple[float, float] = (0.9, 0.95),
                  weight_decay: float = 0.01, epsilon: float = 1e-8, rank_fraction: float = 1.0,
@@ -244,7 +250,8 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
         self._index: dict[Tensor, int] = {}
         self._layouts: dict[Tensor, MatrixLayout] = {}
         self._checked_state: set[Tensor] = set()
-        self._gradient_average: BucketedGradientAverage | None = None  # created by the first prepare_backward
+        self._backward_sync: BackwardReplicaSync | None = None  # created by the first prepare_backward
+        self._group_of: dict[Tensor, dict] = {}  # each parameter's group, refreshed by prepare_backward
         defaults = dict(lr=lr, mu=mu, betas=tuple(betas), weight_decay=weight_decay, epsilon=epsilon,
                         rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, algorithm=DION,
                         step=0)
@@ -264,30 +271,45 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
 
     def prepare_backward(self, last_micro_batch: bool) -> None:
         """Before each backward of a training step. On the last micro-batch (the gradients are final after it) the
-        gradients that the replicas average in full are averaged during the backward, bucket by bucket as they become
-        final; step() then uses them as they are. Nothing to do unless the optimizer owns the replica sync."""
+        gradients that the replicas average in full, and the first P of the compressed matrices that no shard group
+        sums, are averaged during the backward, bucket by bucket as they become final; step() then starts from them.
+        Nothing to do unless the optimizer owns the replica sync."""
         if self._replicate_group is None:
             return
-        if self._gradient_average is None:
-            self._gradient_average = BucketedGradientAverage(self._fully_averaged_params(), self._replicate_group,
-                                                             self.gradient_bucket_bytes)
-        self._gradient_average.arm(last_micro_batch)
-
-    def _fully_averaged_params(self) -> list[Tensor]:
-        """The parameters whose gradient the replicas average in full: the scalar algorithms', and the Dion matrices
-        that are not compressed."""
-        params = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if group["algorithm"] != DION or not self._layout(p).compressed(self._replicate_group,
-                                                                                self._rank(p, group)):
+        if self._backward_sync is None:
+            params, projected = [], set()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    layout = self._layout(p) if group["algorithm"] == DION else None
+                    if layout is not None and layout.compressed(self._replicate_group, self._rank(p, group)):
+                        if not (self.projects_in_backward and layout.row_group is None
+                                and layout.column_group is None):
+                            continue
+                        projected.add(p)
                     params.append(p)
-        return params
+            self._backward_sync = BackwardReplicaSync(params, self._replicate_group, self.gradient_bucket_bytes,
+                                                      projected, self._first_projection)
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
+        self._backward_sync.arm(last_micro_batch)
+
+    @torch.no_grad()
+    def _first_projection(self, p: Tensor) -> Tensor:
+        """P = A Q with A = M + G (or its transpose in Dion's orientation), as the first power iteration computes
+        it, from the final gradient and the previous step's M and Q (created here on the first step, as step()
+        would create them, so that every step, resumed or not, takes this path)."""
+        layout = self._layout(p)
+        state = self._matrix_state(p, self._group_of[p], layout)
+        momentum = local_tensor(state["momentum"])
+        B = torch.add(momentum, local_gradient(p)).to(momentum.dtype)
+        A = B.T if layout.transposed else B
+        return A @ local_tensor(state["Q"]).to(B.dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
-        averaged = self._gradient_average.synced if self._gradient_average is not None else set()
+        sync = self._backward_sync
+        averaged = sync.synced if sync is not None else set()
+        projections = sync.projections if sync is not None else {}
         matrix_tasks: list[MatrixTask] = []
         scalar_groups: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
@@ -296,7 +318,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
                 continue
             group["step"] += 1
             if group["algorithm"] == DION:
-                matrix_tasks.extend(self._matrix_task(p, group, p in averaged) for p in params)
+                matrix_tasks.extend(self._matrix_task(p, group, p in averaged, projections.get(p)) for p in params)
             else:
                 scalar_groups.append((group, params))
         # The scalar gradients' average runs in the background while the matrices are updated.
@@ -307,6 +329,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
         for group, params in scalar_groups:
             self._scalar_update(group, params, [next(grads) for _ in params])
         averaged.clear()
+        projections.clear()
         return loss
 
     @abc.abstractmethod
@@ -362,8 +385,9 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
             self._layouts[p] = matrix_layout(p, self._outer_group, self._inner_group)
         return self._layouts[p]
 
-    def _matrix_task(self, p: Tensor, group: dict, averaged: bool) -> MatrixTask:
-        """averaged: p.grad already holds the replicas' average (done during backward)."""
+    def _matrix_task(self, p: Tensor, group: dict, averaged: bool, projection: Tensor | None) -> MatrixTask:
+        """averaged: p.grad already holds the replicas' average; projection: the replicas' average of the first P
+        (both done during backward)."""
         layout = self._layout(p)
         state = self._matrix_state(p, group, layout)
         grad = local_gradient(p)
@@ -376,7 +400,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
                           Q=local_tensor(state["Q"]), layout=layout, lr=group["lr"], mu=group["mu"],
                           weight_decay=group["weight_decay"], epsilon=group["epsilon"], qr_method=qr_method,
                           compressed=compressed, average_gradient=self._replicate_group is not None and not compressed
-                          and not averaged, step=group["step"])
+                          and not averaged, projection=projection, step=group["step"])
 
     # ------------------------------------------------------------------------------------------ scalar algorithms
     def _scalar_gradients(self, params: list[Tensor], averaged: set[Tensor]) -> Callable[[], list[Tensor]]:

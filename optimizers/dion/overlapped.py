@@ -27,6 +27,7 @@ class DionAsync(Dion):
 
     batch_size = 8
     divide_orthonormalization = True
+    projects_in_backward = False  # its first P is reduce-scattered over the owner group, not all-reduced
     max_batches_in_flight = 3
 
     def _update_matrices(self, tasks: list[MatrixTask]) -> None:

@@ -39,9 +39,12 @@ def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None
     B = torch.add(task.momentum, G).to(task.momentum.dtype)
     A = B.T if layout.transposed else B
     Q = task.Q.to(B.dtype)
-    for _ in range(power_iters):
-        P = A @ Q
-        yield from sum_then_average(P, layout.column_group, compressed_group)
+    for iteration in range(power_iters):
+        if iteration == 0 and task.projection is not None:  # A Q averaged over the replicas during backward
+            P = task.projection
+        else:
+            P = A @ Q
+            yield from sum_then_average(P, layout.column_group, compressed_group)
         P, valid = yield from orthonormalize(P[None], task.qr_method, layout, task.sketch_seed, oversample)
         P, valid = P[0].to(B.dtype), valid[0]
         R = A.T @ P

@@ -186,7 +186,7 @@ def backward_sync_scenario(shard, parts: int, part: int, replicate_group, **opti
     backward (`prepare_backward`), against the same run that leaves it to step() and against the single-process run
     on the whole batch. Also: after the first step's backward, the fully averaged gradients (the Lion gain; the 3 x 6
     head, not compressed at rank 2) equal the whole batch's gradient, the compressed matrices' gradients stay local,
-    and step() issues exactly two collectives fewer (the scalar and the full-gradient averages), so nothing is
+    and step() issues fewer collectives by exactly what backward did (the test names the counts), so nothing is
     averaged twice."""
     torch.manual_seed(0)
     base = TinyMLP().double()

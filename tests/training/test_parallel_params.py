@@ -44,11 +44,13 @@ LAYOUTS = {
     # and the vocab-parallel head with the chunked cross-entropy (48 tokens: chunks that split the micro-batch).
     "tp_replicated_head": (2, ["--tp_size", "2", "--parallel.vocab_parallel", "false"]),
     "tp_chunked_loss": (2, ["--tp_size", "2", "--model.loss_chunk_tokens", "48"]),
+    "dp_tp": (4, ["--dp_size", "2", "--tp_size", "2"]),
 }
 CASES = [("ddp", "adamw"), ("fsdp", "dion"), ("tp", "adamw"), ("tp", "dion"), ("tp", "adam_adv"), ("tp", "muon"),
          ("tp_replicated_head", "adamw"), ("tp_chunked_loss", "dion"), ("hsdp_2x1", "dion"),
          ("hsdp_2x1", "dion_clip"), ("hsdp_1x2", "adamw"), ("hsdp_2x2", "dion"), ("fsdp_tp", "adamw"),
-         ("fsdp_tp", "dion")]
+         ("fsdp_tp", "dion"),
+         ("dp_tp", "dion")]  # Dion syncs the replicas of TP shards: P/R divided over tp, Partial gradients in hooks
 # A layout may differ from one process by this fraction of the parameter's movement. Float32 reordering gives
 # ~1e-5; the token embedding up to ~4e-3, since AdamW's first steps turn its near-zero gradients (rows whose tokens
 # barely reach the loss yet) into full-size updates, so their round-off is amplified. A TP plan without
