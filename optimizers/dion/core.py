@@ -309,7 +309,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
         loss = closure_loss(closure)
         sync = self._backward_sync
         averaged = sync.synced if sync is not None else set()
-        projections = sync.projections if sync is not None else {}
+        projection = sync.projection if sync is not None else (lambda p: None)
         matrix_tasks: list[MatrixTask] = []
         scalar_groups: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
@@ -318,7 +318,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
                 continue
             group["step"] += 1
             if group["algorithm"] == DION:
-                matrix_tasks.extend(self._matrix_task(p, group, p in averaged, projections.get(p)) for p in params)
+                matrix_tasks.extend(self._matrix_task(p, group, p in averaged, projection(p)) for p in params)
             else:
                 scalar_groups.append((group, params))
         # The scalar gradients' average runs in the background while the matrices are updated.
@@ -329,7 +329,8 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
         for group, params in scalar_groups:
             self._scalar_update(group, params, [next(grads) for _ in params])
         averaged.clear()
-        projections.clear()
+        if sync is not None:
+            sync.projections.clear()
         return loss
 
     @abc.abstractmethod

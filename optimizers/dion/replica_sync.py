@@ -70,7 +70,17 @@ class BackwardReplicaSync:
         # For the coming step (step() takes and clears them): the parameters whose .grad holds the replicas'
         # average, and the replicas' average of P = (M + G) Q of the projected ones.
         self.synced: set[Tensor] = set()
-        self.projections: dict[Tensor, Tensor] = {}
+        self.projections: dict[Tensor, tuple[Tensor, int]] = {}
+
+    def projection(self, p: Tensor) -> Tensor | None:
+        """The replicas' average of P = (M + G) Q taken during backward, or None when there is none or `p.grad` was
+        modified in place since (a loop that clips or rescales gradients after backward): step() computes P then.
+        Every rank decides alike as long as every rank modifies its gradients alike, as clipping by the global norm
+        does."""
+        entry = self.projections.get(p)
+        if entry is None or p.grad is None or local_tensor(p.grad)._version != entry[1]:
+            return None
+        return entry[0]
 
     def _reset(self) -> None:
         self._ready = [0] * len(self._buckets)
@@ -119,7 +129,9 @@ class BackwardReplicaSync:
             for p, payload, piece in zip(params, payloads, flat.split([t.numel() for t in payloads])):
                 averaged = piece.view_as(payload).to(payload.dtype)
                 if p in self._projected:
-                    self.projections[p] = averaged
+                    # Kept with the gradient's version: a gradient changed in place after backward (clipping)
+                    # no longer gives this P, and step() then computes P itself (`projection`).
+                    self.projections[p] = (averaged, local_tensor(p.grad)._version)
                     continue
                 if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
                     p.grad = DTensor.from_local(averaged, p.device_mesh, p.placements, run_check=False,
