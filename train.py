@@ -102,7 +102,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
                               f"(the advanced family has: adam_adv, adopt_adv, prodigy_adv, ...)")
         hooks.register_fused_backward_hooks()
     loader = DistributedTokenLoader(train_files, device_batch_size, config.model.sequence_length, env.data_rank,
-                                    env.data_world_size)
+                                    env.data_world_size, pin_memory=env.device.type == "cuda")
     autocast_dtype = config.precision.autocast_dtype(env.device.type)
     autocast = (lambda: torch.autocast(env.device.type, dtype=autocast_dtype)) if autocast_dtype is not None \
         else contextlib.nullcontext
