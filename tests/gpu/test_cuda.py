@@ -134,16 +134,24 @@ def test_nccl_process_group_of_one_rank_initializes_and_reduces():
     assert result == {"backend": "nccl", "world_size": 1, "all_reduce": 3.0, "mesh": [1, 1, 1], "broadcast": "ok"}
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "dion"])
+# Largest per-parameter gap (|compiled - eager| / |eager movement|, Frobenius) allowed after 6 steps. On the CPU
+# (gloo, bf16 autocast): adamw 0.028; dion 0.39, on block 1's v, whose first update (step 2, once o has moved) is
+# an orthonormalized near-zero gradient, so round-off sets its direction; every parameter's median gap: 0.031.
+LARGEST_GAP = {"adamw": 0.1, "dion": 0.8}
+
+
+@pytest.mark.parametrize("optimizer", sorted(LARGEST_GAP))
 def test_compiled_fsdp2_steps_match_eager_single_device(optimizer):
-    """Compiled blocks (fullgraph) under FSDP2 on a one-GPU mesh against the plain eager model: the same losses
-    (bf16 autocast in both; compiled kernels round differently) and parameters after the steps."""
+    """Compiled blocks (fullgraph) under FSDP2 on a one-GPU mesh against the plain eager model, bf16 autocast in
+    both: the same losses (CPU: within 6e-6 relative) and parameters (see LARGEST_GAP; a parameter left unchanged
+    is 1.0 away, so the median bound sees an update that does not reach the sharded parameters)."""
     result = torchrun_worker("fsdp_compile", optimizer)
-    assert result["steps"] == 3
+    assert result["steps"] == 6
     eager, compiled = result["eager_losses"], result["compiled_losses"]
-    assert all(abs(a - b) <= 2e-2 * abs(a) for a, b in zip(eager, compiled)), (eager, compiled)
-    assert compiled[-1] < compiled[0]
-    assert result["parameter_gap"] < 0.1, result  # max |compiled - eager| / max |eager movement|, per parameter
+    assert all(abs(a - b) <= 1e-2 * abs(a) for a, b in zip(eager, compiled)), (eager, compiled)
+    assert compiled[-1] < compiled[0] - 0.5  # it trains (CPU: 10.83 -> 8.13 adamw, 10.08 dion)
+    assert result["median_gap"] < 0.1, result
+    assert result["largest_gap"] < LARGEST_GAP[optimizer], result
 
 
 def test_pinned_batches_copy_to_the_gpu_without_blocking_and_unchanged(tmp_path):
