@@ -23,8 +23,8 @@ import torch
 
 from data import DistributedTokenLoader, ShardError, check_data, validation_batches
 from optimizers.common.hooks import training_hooks
-from trainer.build import (build_model, build_training_optimizer, check_layout, data_files, describe_model,
-                           micro_batch_size, optimizer_syncs_replicas)
+from trainer.build import (build_model, build_training_optimizer, builds_on_meta, check_layout, data_files,
+                           describe_model, initialize_sharded, micro_batch_size, optimizer_syncs_replicas)
 from trainer.checkpoint import choose_resume_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, build_config, help_text
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed, no_gradient_sync,
@@ -55,16 +55,37 @@ def evaluate(model, config: TrainConfig, env: Distributed, val_files, device_bat
     return all_reduce_mean(total / count, env).item()
 
 
-def gradient_norm(parameters) -> torch.Tensor:
-    """Global L2 norm of the gradients; DTensor norms are reduced over their meshes."""
+def gradient_norm(parameters, replicate_group=None) -> torch.Tensor:
+    """Global L2 norm of the gradients; DTensor norms are reduced over their meshes. replicate_group: the
+    data-parallel replicas whose gradients are still un-averaged because the optimizer syncs them itself (Dion's
+    compressed P/R sync): the norm is then the one of their mean, as in synchronized training, at the price of one
+    all-reduce of the gradients (in one flat buffer per dtype) on the steps that need the norm."""
     from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if replicate_group is not None and grads:
+        grads = replica_mean(grads, replicate_group)
     squares = []
-    for p in parameters:
-        if p.grad is None:
-            continue
-        norm = torch.linalg.vector_norm(p.grad.float())
+    for grad in grads:
+        norm = torch.linalg.vector_norm(grad.float())
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
     return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+
+def replica_mean(grads: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Copies of `grads` averaged over `group` (the gradients themselves are left for the optimizer)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    averaged = list(locals_)
+    for dtype in dict.fromkeys(g.dtype for g in locals_):
+        indices = [i for i, g in enumerate(locals_) if g.dtype == dtype]
+        flat = torch.cat([locals_[i].reshape(-1) for i in indices])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        for i, piece in zip(indices, flat.split([locals_[i].numel() for i in indices])):
+            averaged[i] = piece.view_as(locals_[i])
+    return [DTensor.from_local(local, g.device_mesh, g.placements, run_check=False, shape=g.shape, stride=g.stride())
+            if isinstance(g, DTensor) else local for g, local in zip(grads, averaged)]
 
 
 @dataclass
@@ -88,11 +109,19 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
                num_steps=config.schedule.num_iterations, vocab_size=config.model.vocab_size,
                val_tokens=config.data.val_tokens)
 
-    model = build_model(config, env.device)
-    flops_per_token, peak = model.flops_per_token(), peak_tflops(env.device)
-    if env.is_main:
+    meta = builds_on_meta(config, env)  # sharded layouts: no rank ever holds the whole model
+    model = build_model(config, env.device, meta=meta)
+    flops_per_token, peak = model.flops_per_token(), None
+    if env.is_main:  # only rank 0 logs records
         print(describe_model(model, config), flush=True)
-    model = parallelize(model, config, env, optimizer_syncs_replicas(config, env))
+        peak, peak_source = peak_tflops(env.device)
+        print(f"mfu: against {peak:.3g} TFLOP/s per device ({peak_source})" if peak is not None else
+              f"mfu: not logged ({peak_source})", flush=True)
+    syncs_replicas = optimizer_syncs_replicas(config, env)
+    model = parallelize(model, config, env, syncs_replicas)
+    if meta:
+        initialize_sharded(model, config, env.device)
+    unsynced_replicas = env.mesh["dp"].get_group() if syncs_replicas else None  # for the true gradient norm
     optimizer = build_training_optimizer(unwrap(model), config, env)
     hooks = training_hooks(optimizer)
     scheduler = build_scheduler(optimizer, config)
@@ -175,6 +204,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
     def train_steps() -> None:
         nonlocal step, elapsed, tokens
         tokens_per_step = config.tokens_per_step
+        sharded_accumulation = config.parallel.fsdp_gradient_accumulation == "sharded"
         first_loss, warned_divergence = None, False
         window_started, window_steps = time.perf_counter(), 0  # steps since the last host sync
         while step < num_iterations:
@@ -182,8 +212,9 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
             train_loss = torch.zeros((), device=env.device)  # stays on the device until a sync step
             for micro in range(accumulation):
                 inputs, targets = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
-                with no_gradient_sync(model, sync=micro == accumulation - 1), autocast():
+                with no_gradient_sync(model, micro == accumulation - 1, sharded_accumulation), autocast():
                     loss = model(inputs, targets) / accumulation
+                hooks.prepare_backward(last_micro_batch=micro == accumulation - 1)
                 loss.backward()
                 train_loss += loss.detach()
             # Host syncs (.item(), collectives of the loss, cuda.synchronize) happen only on steps that log, validate or
@@ -195,13 +226,13 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
             sync_now = log_now or validate_now or checkpoint_now
             grad_norm = None
             if config.grad_clip > 0:
-                grad_norm = gradient_norm(model.parameters())
+                grad_norm = gradient_norm(model.parameters(), unsynced_replicas)
                 clip = torch.clamp(config.grad_clip / (grad_norm + 1e-6), max=1.0)
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(clip.to(p.grad.device))
             elif log_now and not config.fused_backward:
-                grad_norm = gradient_norm(model.parameters())
+                grad_norm = gradient_norm(model.parameters(), unsynced_replicas)
             refresh_hessian = hooks.hessian_update_due()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

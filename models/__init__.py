@@ -5,8 +5,12 @@ A model package exports:
   construction; `PRESETS`: name -> Config (`model.preset`);
 - `Model(config)`: an nn.Module with `forward(inputs, targets=None)` (mean cross-entropy with targets, else logits),
   `blocks` (the repeated units FSDP2 shards and torch.compile compiles one by one), `param_groups()` (matrix /
-  embedding / lm_head / vector: how optimizers treat each parameter), `num_parameters()` and `flops_per_token()`;
-- `apply_tensor_parallel(model, tp_mesh)`: its TP plan, or None if it has none.
+  embedding / lm_head / vector: how optimizers treat each parameter), `num_parameters()`, `flops_per_token()`, and,
+  for meta-device builds in sharded layouts (`parallel.meta_init`), `initial_values()` (name and full CPU tensor of
+  each parameter in turn, the values the CPU build gives after the same seed, drawing the same random numbers) and
+  `reset_buffers()` (recompute the non-persistent buffers);
+- `apply_tensor_parallel(model, tp_mesh, vocab_parallel)`: its TP plan (vocab_parallel: also shard the embedding,
+  LM head and loss on the vocabulary), or None if it has none.
 Adding a model: one package plus one line in MODELS.
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ MODEL = "tests/models/test_gpt.py"
 SCALAR_MIXED = "tests/optimizers/test_scalar_mixed_precision.py"
 SU = "optimizers/common/scalar_updates.py"
 PARALLEL = "tests/training/test_parallel_params.py"
+VOCAB_PARALLEL = "tests/models/test_vocab_parallel.py"
 VALIDATION = "tests/dataio/test_validation_ranks.py"
 RESUME_RNG = "tests/training/test_resume_rng.py"
 MUTATIONS = [
@@ -106,6 +107,10 @@ MUTATIONS = [
     Mutation("tp-plan-missing-q-norm", "models/gpt/parallelize.py",
              '            "attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),\n', "",
              (PARALLEL + "::test_every_parameter_matches_single_process[tp-adamw]",)),
+    Mutation("vocab-parallel-sum-exp-not-reduced", "models/gpt/parallelize.py",
+             "        dist.all_reduce(sum_exp, group=group)\n", "", (VOCAB_PARALLEL,)),
+    Mutation("vocab-parallel-target-counted-on-every-rank", "models/gpt/parallelize.py",
+             "owned.to(grad.dtype)", "torch.ones_like(owned, dtype=grad.dtype)", (VOCAB_PARALLEL,)),
     Mutation("dion-scalar-partial-gradient-read-locally", "optimizers/dion/core.py",
              "grads = [local_gradient(p) for p in params]", "grads = [local_tensor(p.grad) for p in params]",
              (PARALLEL + "::test_every_parameter_matches_single_process[tp-dion]",)),

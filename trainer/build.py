@@ -10,14 +10,46 @@ from data.corpus import ensure_embedded_corpus
 from models import model_package
 from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer, get_spec
 from trainer.config import TrainConfig
-from trainer.distributed import Distributed
+from trainer.distributed import Distributed, unwrap
 from trainer.errors import ConfigError, LayoutError
 
 
-def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The configured model, initialized from `config.seed`, on `device`."""
+def builds_on_meta(config: TrainConfig, env: Distributed) -> bool:
+    """True when the run builds its model on the meta device (`parallel.meta_init`): in the layouts whose parameters
+    `parallelize` shards (FSDP2 / HSDP with fs > 1, TP), so that no rank ever holds the full model."""
+    return config.parallel.meta_init and (env.fs > 1 or env.tp > 1)
+
+
+def build_model(config: TrainConfig, device: torch.device | str = "cpu", meta: bool = False) -> nn.Module:
+    """The configured model, initialized from `config.seed`, on `device`. With `meta`, its parameters and buffers
+    are meta tensors (shapes, no storage): parallelize it, then `initialize_sharded` gives it storage and values."""
+    if meta:
+        with torch.device("meta"):
+            return model_package(config.model_name).Model(config.model)
     torch.manual_seed(config.seed)
     return model_package(config.model_name).Model(config.model).to(device)
+
+
+@torch.no_grad()
+def initialize_sharded(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
+    """Storage on `device` for a meta-built, parallelized model, and the initial values `build_model` gives with the
+    same seed, in every layout. The model's `initial_values()` yields each parameter's full tensor in turn (drawn
+    from the seeded CPU generator, as a CPU build draws them); every rank keeps its own slice of it (DTensor
+    placements over FSDP2's and TP's meshes, no communication). Peak: one full parameter besides the shards (the
+    largest: the token embedding or LM head, vocab x model_dim float32). The global generator ends in the state
+    `build_model` leaves it in, so later random draws (e.g. an optimizer's initial Q) match too."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    model.to_empty(device=device)
+    inner = unwrap(model)
+    torch.manual_seed(config.seed)
+    for name, value in inner.initial_values():
+        param = inner.get_parameter(name)
+        if isinstance(param, DTensor):
+            mine = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(mine)
+        else:
+            param.copy_(value)
+    inner.reset_buffers()
 
 
 def describe_model(model: nn.Module, config: TrainConfig) -> str:
@@ -50,9 +82,6 @@ def check_layout(config: TrainConfig, env: Distributed) -> None:
     if config.precision.optimizer_states != "float32" and not get_spec(name).low_precision_states:
         raise LayoutError(f"precision.optimizer_states: optimizer {name!r} keeps float32 states; bfloat16 states are "
                           f"available for: {', '.join(n for n, s in OPTIMIZERS.items() if s.low_precision_states)}")
-    if config.grad_clip > 0 and optimizer_syncs_replicas(config, env):
-        raise LayoutError("grad_clip: not available while the optimizer syncs replicas itself "
-                          "(parallel.replicate_mesh_grad_sync true with dp_size > 1); set it false")
 
 
 def build_training_optimizer(model: nn.Module, config: TrainConfig, env: Distributed) -> torch.optim.Optimizer:

@@ -40,6 +40,7 @@ from trainer.errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SCHEDULES = ("wsd", "cosine", "constant")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+FSDP_GRADIENT_ACCUMULATION = ("sharded", "unsharded")
 
 
 def key(default: Any, meaning: str, **kwargs: Any) -> Any:
@@ -102,6 +103,16 @@ class ParallelConfig:
                                                "do so; false = DDP/FSDP all-reduce full gradients")
     activation_checkpointing: str = key("none", "recompute block activations in backward: none, full (every "
                                                 "block), selective (every second block)")
+    vocab_parallel: bool = key(True, "with tp_size > 1: shard the token embedding, LM head and cross-entropy on "
+                                     "the vocabulary over the TP ranks (false = every TP rank holds and computes "
+                                     "the whole head)")
+    meta_init: bool = key(True, "when parameters are sharded (fs_size or tp_size > 1): build the model on the meta "
+                                "device, parallelize it, then give each rank only its slices (the same initial "
+                                "weights); false = build the full model on every rank first")
+    fsdp_gradient_accumulation: str = key("sharded", "how FSDP2 accumulates gradients over micro-batches: sharded "
+                                                     "(reduce-scatter every micro-batch, keep 1/fs of the gradients "
+                                                     "between them) or unsharded (keep full gradients, one "
+                                                     "reduce-scatter on the last micro-batch)")
 
     def __post_init__(self):
         for name in ("dp_size", "fs_size", "tp_size"):
@@ -110,6 +121,9 @@ class ParallelConfig:
         _require(self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
                  f"parallel.activation_checkpointing: {self.activation_checkpointing!r} is not one of "
                  f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+        _require(self.fsdp_gradient_accumulation in FSDP_GRADIENT_ACCUMULATION,
+                 f"parallel.fsdp_gradient_accumulation: {self.fsdp_gradient_accumulation!r} is not one of "
+                 f"{', '.join(FSDP_GRADIENT_ACCUMULATION)}")
 
 
 DTYPES = ("float32", "bfloat16")
@@ -210,7 +224,8 @@ class TrainConfig:
     precision: PrecisionConfig = key(PrecisionConfig(), "dtypes of compute, FSDP2 communication, optimizer states")
     seed: int = key(0, "seed of the model initialization and the optimizers' random draws")
     compile: bool = key(False, "torch.compile each block")
-    grad_clip: float = key(0.0, "clip the global gradient norm to this; 0 = off")
+    grad_clip: float = key(0.0, "clip the global gradient norm to this; 0 = off (when the optimizer "
+                                 "syncs the replicas itself, the norm of their mean costs a gradient all-reduce)")
     fused_backward: bool = key(False, "step each parameter during backward (the advanced family); needs one "
                                       "micro-batch per step")
     debug: bool = key(False, "autograd anomaly detection")

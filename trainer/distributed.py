@@ -139,7 +139,7 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimiz
         if apply_tensor_parallel is None:
             raise LayoutError(f"parallel.tp_size: model {config.model_name!r} has no tensor-parallel plan")
         try:
-            apply_tensor_parallel(model, env.mesh["tp"])
+            apply_tensor_parallel(model, env.mesh["tp"], vocab_parallel=config.parallel.vocab_parallel)
         except ValueError as error:
             raise LayoutError(str(error)) from None
     apply_activation_checkpointing(model, config.parallel.activation_checkpointing)
@@ -167,13 +167,23 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimiz
     return model
 
 
-def no_gradient_sync(model: nn.Module, sync: bool):
-    """Context for one micro-batch: skip the gradient all-reduce/reduce-scatter unless `sync` (the last one)."""
+def no_gradient_sync(model: nn.Module, sync: bool, sharded_accumulation: bool = True):
+    """Context for one micro-batch: skip the gradient all-reduce/reduce-scatter unless `sync` (the last one).
+
+    FSDP2 with `sharded_accumulation` (parallel.fsdp_gradient_accumulation: sharded) reduce-scatters every
+    micro-batch and sums the gradient shards, so no rank keeps a full gradient between micro-batches; under HSDP the
+    all-reduce over the replicas still waits for the last one. Without it FSDP2 keeps each block's full gradient
+    from one micro-batch to the next and reduce-scatters once (fewer collectives, full gradient memory)."""
     from torch.nn.parallel import DistributedDataParallel
     if isinstance(model, DistributedDataParallel):
         return contextlib.nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        if sharded_accumulation:
+            model.set_requires_gradient_sync(True)
+            model.set_requires_all_reduce(sync)
+        else:
+            model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 

@@ -1,5 +1,6 @@
 """Run directory outputs: `config.yaml` (the resolved config), `metrics.jsonl` (one JSON record per logged step:
-step, train_loss, val_loss when computed, lr, tokens, time, grad_norm, tokens_per_second), and wandb when enabled.
+step, train_loss, val_loss when computed, lr, tokens, time, grad_norm, tokens_per_second, tflops, mfu), and wandb
+when enabled.
 Only rank 0 writes."""
 from __future__ import annotations
 
@@ -57,14 +58,38 @@ class RunLogger:
             self.wandb_run.finish()
 
 
-# Dense bf16 peak TFLOP/s per GPU (vendor datasheets, without sparsity), matched against torch's device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+# Dense bf16 peak TFLOP/s per GPU (vendor datasheets, without sparsity), matched in order against torch's device name
+# (the PCIe H100 before the SXM one, whose name carries no form factor).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0,
+                    "L4": 121.0}
 
 
-def peak_tflops(device) -> float | None:
-    """The device's dense bf16 peak, or None when unknown (CPUs, unlisted GPUs): MFU is then not logged."""
+def peak_tflops(device) -> tuple[float | None, str]:
+    """(peak TFLOP/s of one device, where it comes from): a known GPU's dense bf16 datasheet peak; on a CPU the
+    float32 matmul rate measured now (`measured_matmul_tflops`); None for unlisted GPUs (MFU is then not logged)."""
     import torch
+    if device.type == "cpu":
+        return measured_matmul_tflops(device), "float32 matmul measured at start"
     if device.type != "cuda":
-        return None
+        return None, "unknown device"
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    peak = next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return peak, (f"{name} dense bf16 datasheet peak" if peak is not None else f"{name}: no known peak")
+
+
+def measured_matmul_tflops(device, size: int = 512, seconds: float = 0.1) -> float:
+    """The best rate of square float32 matmuls over about `seconds` (a few warm-up calls first): the ceiling a CPU
+    run is measured against. On a shared machine it varies with the load, as the run's own speed does."""
+    import time
+
+    import torch
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    for _ in range(2):
+        torch.mm(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - started) / 1e12)
+    return best

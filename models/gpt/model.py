@@ -3,7 +3,8 @@
 Pre-norm blocks with RMSNorm, rotary position embeddings, QK-norm, causal scaled-dot-product attention, ReLU^2 MLP
 with 4x expansion, no biases, untied token embedding and LM head. No distributed code lives here: tensor
 parallelism only relies on the attention reshapes using the *local* number of heads (`-1` in the view), so a
-column-sharded q/k/v projection just sees fewer heads.
+column-sharded q/k/v projection just sees fewer heads, and on `GPT.output` (LM head + loss) being one method that
+the TP plan can replace on the instance with its vocab-parallel version (`parallelize.py`).
 
 Initialization (chosen for orthonormalized optimizers such as Dion and Muon, whose updates have a fixed spectral
 size regardless of the weight's scale):
@@ -15,7 +16,9 @@ size regardless of the weight's scale):
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -70,10 +73,24 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
-        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+        self.head_dim, self.max_seq_len, self.base = head_dim, max_seq_len, base
+        cos, sin = self._tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self) -> tuple[Tensor, Tensor]:
+        """cos and sin of the rotation angles, (1, max_seq_len, 1, head_dim / 2) float32, computed on the CPU."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu") / self.head_dim
+        inv_freq = 1.0 / (self.base ** exponents)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device="cpu"), inv_freq)
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the tables in place (after `to_empty` gave the buffers storage but no values)."""
+        cos, sin = self._tables()
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     def forward(self, x: Tensor) -> Tensor:
         seq_len = x.size(1)
@@ -133,16 +150,23 @@ def _chunk_loss_sum(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
 
 
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
-    """mean_i CE(hidden_i W^T, target_i) over all tokens, `chunk_tokens` rows at a time. Each chunk's logits are
-    recomputed in backward (activation checkpointing), so at most one chunk of (chunk_tokens, vocab) float32 logits
-    exists at any time instead of (batch x seq, vocab). hidden: (..., d); targets: (...) int64; weight: (vocab, d)."""
+def chunked_loss(loss_sum: Callable[[Tensor, Tensor], Tensor], hidden: Tensor, targets: Tensor,
+                 chunk_tokens: int) -> Tensor:
+    """mean over all tokens of `loss_sum(hidden rows, their targets)` (a summed loss), taken `chunk_tokens` rows at
+    a time, each chunk recomputed in backward (activation checkpointing): only one chunk's logits exist at a time.
+    hidden: (..., d); targets: (...) int64."""
     from torch.utils.checkpoint import checkpoint
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        total = total + checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False)
+        total = total + checkpoint(loss_sum, h, t, use_reentrant=False)
     return total / targets.numel()
+
+
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """mean_i CE(hidden_i W^T, target_i) over all tokens, `chunk_tokens` rows at a time, so at most one chunk of
+    (chunk_tokens, vocab) float32 logits exists at any time instead of (batch x seq, vocab). weight: (vocab, d)."""
+    return chunked_loss(lambda h, t: _chunk_loss_sum(h, weight, t), hidden, targets, chunk_tokens)
 
 
 class GPT(nn.Module):
@@ -155,18 +179,54 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
         self.reset_parameters()
 
+    def _initializers(self) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
+        """(parameter name, in-place initialization of its full tensor) in the order they draw from the generator
+        (the module docstring's scheme). The zero-initialized matrices still draw their normal sample first: that
+        draw was part of this model's initialization from the start, and dropping it would change every value drawn
+        after it (and every recorded result)."""
+        zeroed = {self.lm_head} | {block.attn.o for block in self.blocks} | {block.mlp.proj for block in self.blocks}
+        out = []
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = 1.0 / math.sqrt(module.in_features)
+                if module in zeroed:
+                    out.append((f"{name}.weight", lambda t, std=std: nn.init.normal_(t, std=std).zero_()))
+                else:
+                    out.append((f"{name}.weight", functools.partial(nn.init.normal_, std=std)))
+            elif isinstance(module, nn.RMSNorm):
+                out.append((f"{name}.weight", nn.init.ones_))
+        out.append(("embed.weight", functools.partial(nn.init.normal_, std=1.0)))
+        return out
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        for name, initialize in self._initializers():
+            initialize(self.get_parameter(name))
+
+    def initial_values(self) -> Iterator[tuple[str, Tensor]]:
+        """(name, full float32 CPU tensor) for every parameter, one at a time: the values `torch.manual_seed(s);
+        GPT(config)` on the CPU gives, when called after `torch.manual_seed(s)`. For a model built on the meta device
+        and sharded: each rank draws every full tensor in turn and keeps its slice, so the initial weights are the
+        same in every layout and at most one full parameter exists at a time. Only names and global shapes are read
+        from `self`, so its parameters may be meta tensors or DTensors. The draws that nn.Linear and nn.Embedding
+        make when constructed come first (their values are overwritten by `reset_parameters`, but they advance the
+        generator)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_features))
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
-        for block in self.blocks:
-            nn.init.zeros_(block.attn.o.weight)
-            nn.init.zeros_(block.mlp.proj.weight)
-        nn.init.zeros_(self.lm_head.weight)
-        nn.init.normal_(self.embed.weight, std=1.0)
+                nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="cpu")
+            elif isinstance(module, nn.Embedding):
+                nn.Embedding(module.num_embeddings, module.embedding_dim, device="cpu")
+        for name, initialize in self._initializers():
+            value = torch.empty(self.get_parameter(name).shape, device="cpu")
+            with torch.no_grad():
+                initialize(value)
+            yield name, value
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (the RoPE tables), e.g. after `to_empty`."""
+        for module in self.modules():
+            if isinstance(module, Rotary):
+                module.reset_buffers()
 
     def forward(self, inputs: Tensor, targets: Tensor | None = None) -> Tensor:
         """inputs: (batch, seq) int64 token ids. Returns the mean cross-entropy over all target positions when
@@ -174,10 +234,14 @@ class GPT(nn.Module):
         x = self.embed(inputs)
         for block in self.blocks:
             x = block(x)
-        x = self.final_norm(x)
+        return self.output(self.final_norm(x), targets)
+
+    def output(self, hidden: Tensor, targets: Tensor | None = None) -> Tensor:
+        """The LM head on the final hidden states: float32 logits without targets, else the mean cross-entropy
+        (chunked when loss_chunk_tokens > 0). The TP plan replaces it on the instance with a vocab-parallel head."""
         if targets is not None and self.config.loss_chunk_tokens:
-            return chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.loss_chunk_tokens)
-        logits = self.lm_head(x).float()
+            return chunked_cross_entropy(hidden, self.lm_head.weight, targets, self.config.loss_chunk_tokens)
+        logits = self.lm_head(hidden).float()
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

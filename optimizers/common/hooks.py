@@ -8,6 +8,9 @@ Capabilities are declared here, never probed with getattr.
                                   the parameters between its two iterates)
     synchronize_for_checkpoint()  make the data-parallel replicas' states identical before saving (Dion's
                                   compressed replica sync)
+    prepare_backward(last)        before each backward of a training step: whether it is the step's last
+                                  micro-batch, whose gradients are final (Dion, when it syncs the replicas itself,
+                                  starts their full-gradient average during that backward)
     hessian_update_due()          True when the next step wants an extra Hessian pass (Sophia); asked before step()
     hessian_pass(logits_fn)       run that pass (has_hessian_pass): logits_fn() is the model's forward on the
                                   current batch; the loop clears gradients before and after
@@ -33,6 +36,9 @@ class TrainingHooks:
 
     def synchronize_for_checkpoint(self) -> None:
         """Make the replicas' optimizer states identical before a checkpoint (default: already identical)."""
+
+    def prepare_backward(self, last_micro_batch: bool) -> None:
+        """Called before each backward of a training step (default: nothing to do)."""
 
     def hessian_update_due(self) -> bool:
         return False

@@ -4,14 +4,15 @@ Matrices with the same shape, sharding, dtypes and options are stacked and updat
 batched call (torch.bmm / baddbmm) and every collective moves a whole stack:
 
     B = M + G                          stacked into one (b, m, n) buffer, which later holds the update P Q^T
-    P = orth(B Q)                      one bmm; all-reduce over the column shards (and replicas, compressed)
-    R = B^T P                          one bmm; all-reduce over the row shards (and replicas, compressed)
+    P = orth(B Q)                      one bmm; summed over the column shards, averaged over the replicas (compressed)
+    R = B^T P                          one bmm; summed over the row shards, averaged over the replicas (compressed)
     Q <- ColumnNormalize(R)            column norms all-reduced over the column shards
     M <- B - (1 - mu) P R^T            one baddbmm, in place
     X <- X (1 - lr wd) - lr sqrt(m/n) P Q^T
 
 The communication pattern of each sharding case is the one of optimizers/dion/distributed.py: no rank ever gathers a
-sharded matrix, only the low-rank P, R and r x r Gram matrices travel. `optimizers.dion.reference.DionReference` is
+sharded matrix, only the low-rank P, R and r x r Gram matrices travel, and the replicas average only this rank's share
+of a P or R that its shard group holds in common (`sum_then_average`). `optimizers.dion.reference.DionReference` is
 the one-matrix-at-a-time twin; `optimizers.dion.overlapped.DionAsync` divides the orthonormalization among ranks and
 overlaps batches.
 """
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from optimizers.dion.core import DionBase, MatrixTask, orthonormalize
 from optimizers.dion.distributed import (Collectives, all_gather_batch, all_reduce, all_reduce_mean, group_size,
-                                         reduce_scatter_batch, run_blocking)
+                                         reduce_scatter_batch, run_blocking, sum_then_average)
 from optimizers.dion.linalg import column_normalize, column_sq_norms, update_scale
 
 
@@ -69,8 +70,7 @@ class Dion(DionBase):
         replicas = self._replicate_group if head.compressed else None
         owners = self._owner_group(head)
         if owners is None:
-            yield all_reduce(P, layout.column_group)
-            yield from all_reduce_mean(P, replicas)
+            yield from sum_then_average(P, layout.column_group, replicas)
             orthonormal, valid = yield from orthonormalize(P, head.qr_method, layout, head.sketch_seed,
                                                            self._rcqr_oversample)
             return orthonormal.to(P.dtype), valid
@@ -95,7 +95,7 @@ class Dion(DionBase):
         layout = head.layout
         momenta = [task.momentum for task in tasks]
         grads = [task.grad for task in tasks]
-        if self._replicate_group is not None and not head.compressed:
+        if head.average_gradient:
             stacked = torch.stack(grads)
             yield from all_reduce_mean(stacked, self._replicate_group)
             grads = stacked.unbind(0)
@@ -109,8 +109,7 @@ class Dion(DionBase):
         for _ in range(self._power_iters):
             P, valid = yield from self._orthonormalized(torch.bmm(A, Q), tasks)
             R = torch.bmm(A.mT, P)
-            yield all_reduce(R, layout.row_group)
-            yield from all_reduce_mean(R, replicas)
+            yield from sum_then_average(R, layout.row_group, replicas)
             Q = R
         valid = valid[:, None, None]
         P = torch.where(valid, P, 0.0)

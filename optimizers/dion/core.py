@@ -7,7 +7,8 @@ same-shape batches, or in batches whose communication overlaps); everything else
 - the optimizer state: `momentum` (X's shape and sharding) and `Q` (n x r, or m x r when Dion works on X^T; rows
   sharded like the matching dimension of X), created on the first step unless a caller put them in `state` already;
 - the scalar algorithms (AdamW / Lion from `optimizers.common.scalar_updates`) for groups with `algorithm` "adamw"/"lion",
-  including their data-parallel gradient average when the optimizer owns the replica sync;
+  including their data-parallel gradient average when the optimizer owns the replica sync: started during backward
+  when the loop announces the last micro-batch (`prepare_backward`, optimizers/dion/replica_sync.py), else in step();
 - `orthonormalize`, the distributed QR step used by all three.
 
 Random numbers are reproducible and identical on every rank: matrix i (its position in the param groups) starts from
@@ -35,11 +36,13 @@ from optimizers.common.hooks import TrainingHooks
 from optimizers.common.param_groups import CheckedParamGroups
 from optimizers.common.scalar_updates import adamw_update, lion_update
 from optimizers.common.tensors import local_gradient, local_tensor
-from optimizers.dion.distributed import (Collectives, MatrixLayout, all_gather_rows, all_reduce, all_reduce_mean,
-                                         as_like, group_size, matrix_layout, process_group, q_placements, run_blocking)
+from optimizers.dion.distributed import (Collectives, HostFlag, MatrixLayout, all_gather_rows, all_reduce,
+                                         all_reduce_mean, as_like, group_size, matrix_layout, process_group,
+                                         q_placements, run_blocking)
 from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sketch, gram, gram_near_identity,
                                     householder_orthonormalize, initial_q, low_rank_dim, nonzero_and_finite,
                                     sketch_rows, sketch_triangular_factor, solve_right_upper)
+from optimizers.dion.replica_sync import BucketedGradientAverage
 
 DION = "dion"  # the param-group algorithm of the matrices
 
@@ -127,6 +130,7 @@ class MatrixTask:
     epsilon: float
     qr_method: QRMethod
     compressed: bool
+    average_gradient: bool  # the replicas' full-gradient average is still to do (not compressed, not done in backward)
     step: int
 
     @property
@@ -138,7 +142,7 @@ class MatrixTask:
         layout = self.layout
         return (layout.shape, layout.transposed, layout.row_group, layout.column_group, tuple(self.param.shape),
                 tuple(self.Q.shape), self.param.dtype, self.grad.dtype, self.momentum.dtype, self.Q.dtype, self.lr,
-                self.mu, self.weight_decay, self.epsilon, self.qr_method, self.compressed)
+                self.mu, self.weight_decay, self.epsilon, self.qr_method, self.compressed, self.average_gradient)
 
 
 def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_seed: int,
@@ -160,7 +164,9 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         yield all_reduce(G, layout.row_group)
         valid = nonzero_and_finite(G)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
-        if bool((usable | ~valid).all()):
+        ok = HostFlag(usable | ~valid)  # read after other batches have been issued (DionAsync), see HostFlag
+        yield ok
+        if ok:
             # CholeskyQR2: the first pass leaves |P1^T P1 - I| ~ eps cond(P)^2; a second pass on P1 (cond ~ 1)
             # restores orthonormality to round-off, provided the first pass was close (else fall back).
             P1 = solve_right_upper(P, R)
@@ -168,7 +174,9 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
             yield all_reduce(G1, layout.row_group)
             R, usable = cholesky_upper(torch.where(valid[:, None, None], G1, 0.0))
             usable &= gram_near_identity(G1)
-            if bool((usable | ~valid).all()):
+            ok = HostFlag(usable | ~valid)
+            yield ok
+            if ok:
                 return solve_right_upper(P1, R), valid
         qr_method = QRMethod.RCQR
     if qr_method is QRMethod.RCQR and rows > rank:
@@ -181,7 +189,9 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
         G = gram(P1)
         yield all_reduce(G, layout.row_group)
         R, usable = cholesky_upper(torch.where(valid[:, None, None], G, 0.0))
-        if bool((usable | ~valid).all()):
+        ok = HostFlag(usable | ~valid)
+        yield ok
+        if ok:
             return solve_right_upper(P1, R), valid
     full = yield from all_gather_rows(P, layout.row_group, layout.rows, rows)
     return householder_orthonormalize(full)[:, start:start + length], nonzero_and_finite(full)
@@ -201,7 +211,13 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
     a Dion matrix when (m + n) r < m n (the momenta of the replicas then differ, but their mean is the momentum of
     synchronized training, and every replica applies the same update), the full gradient otherwise and for the
     scalar algorithms. Call `synchronize_for_checkpoint()` before saving so that every replica holds the same state.
+    A loop that calls `prepare_backward(last_micro_batch)` before each backward gets the full-gradient averages
+    started during the last micro-batch's backward (bucketed, from post-accumulate-grad hooks); otherwise, and for
+    gradients that no backward produced, step() averages them.
     """
+
+    # Bytes per bucket of the full-gradient average started during backward (DDP's default bucket size).
+    gradient_bucket_bytes = 25 * 2 ** 20
 
     def __init__(self, params, lr: float = 0.01, mu: float = 0.95, betas: tuple[float, float] = (0.9, 0.95),
                  weight_decay: float = 0.01, epsilon: float = 1e-8, rank_fraction: float = 1.0,
@@ -228,6 +244,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
         self._index: dict[Tensor, int] = {}
         self._layouts: dict[Tensor, MatrixLayout] = {}
         self._checked_state: set[Tensor] = set()
+        self._gradient_average: BucketedGradientAverage | None = None  # created by the first prepare_backward
         defaults = dict(lr=lr, mu=mu, betas=tuple(betas), weight_decay=weight_decay, epsilon=epsilon,
                         rank_fraction=rank_fraction, rank_multiple_of=rank_multiple_of, algorithm=DION,
                         step=0)
@@ -245,9 +262,32 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
                                  f"takes 2D matrices only; put it in a group with algorithm 'lion' or 'adamw'")
             self._index[p] = len(self._index)
 
+    def prepare_backward(self, last_micro_batch: bool) -> None:
+        """Before each backward of a training step. On the last micro-batch (the gradients are final after it) the
+        gradients that the replicas average in full are averaged during the backward, bucket by bucket as they become
+        final; step() then uses them as they are. Nothing to do unless the optimizer owns the replica sync."""
+        if self._replicate_group is None:
+            return
+        if self._gradient_average is None:
+            self._gradient_average = BucketedGradientAverage(self._fully_averaged_params(), self._replicate_group,
+                                                             self.gradient_bucket_bytes)
+        self._gradient_average.arm(last_micro_batch)
+
+    def _fully_averaged_params(self) -> list[Tensor]:
+        """The parameters whose gradient the replicas average in full: the scalar algorithms', and the Dion matrices
+        that are not compressed."""
+        params = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if group["algorithm"] != DION or not self._layout(p).compressed(self._replicate_group,
+                                                                                self._rank(p, group)):
+                    params.append(p)
+        return params
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
+        averaged = self._gradient_average.synced if self._gradient_average is not None else set()
         matrix_tasks: list[MatrixTask] = []
         scalar_groups: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
@@ -256,16 +296,17 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
                 continue
             group["step"] += 1
             if group["algorithm"] == DION:
-                matrix_tasks.extend(self._matrix_task(p, group) for p in params)
+                matrix_tasks.extend(self._matrix_task(p, group, p in averaged) for p in params)
             else:
                 scalar_groups.append((group, params))
         # The scalar gradients' average runs in the background while the matrices are updated.
-        scalar_grads = self._scalar_gradients([p for _, params in scalar_groups for p in params])
+        scalar_grads = self._scalar_gradients([p for _, params in scalar_groups for p in params], averaged)
         if matrix_tasks:
             self._update_matrices(matrix_tasks)
         grads = iter(scalar_grads())
         for group, params in scalar_groups:
             self._scalar_update(group, params, [next(grads) for _ in params])
+        averaged.clear()
         return loss
 
     @abc.abstractmethod
@@ -290,12 +331,17 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
             value = as_like(value[local_slices].clone(), param, shape, placements)
         return value
 
+    def _rank(self, p: Tensor, group: dict) -> int:
+        """r of a Dion matrix from its group's rank options."""
+        rows, columns = self._layout(p).algorithm_shape
+        return low_rank_dim(rows, columns, group["rank_fraction"], group["rank_multiple_of"])
+
     def _matrix_state(self, p: Tensor, group: dict, layout: MatrixLayout) -> dict:
         state = self.state[p]
         if p in self._checked_state:
             return state
-        rows, columns = layout.algorithm_shape
-        rank = low_rank_dim(rows, columns, group["rank_fraction"], group["rank_multiple_of"])
+        _, columns = layout.algorithm_shape
+        rank = self._rank(p, group)
         column_start, column_length = layout.columns
         q_slices = (slice(column_start, column_start + column_length), slice(None))
         placements = q_placements(p, layout) if isinstance(p, DTensor) else None
@@ -316,7 +362,8 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
             self._layouts[p] = matrix_layout(p, self._outer_group, self._inner_group)
         return self._layouts[p]
 
-    def _matrix_task(self, p: Tensor, group: dict) -> MatrixTask:
+    def _matrix_task(self, p: Tensor, group: dict, averaged: bool) -> MatrixTask:
+        """averaged: p.grad already holds the replicas' average (done during backward)."""
         layout = self._layout(p)
         state = self._matrix_state(p, group, layout)
         grad = local_gradient(p)
@@ -324,21 +371,25 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
         if qr_method is QRMethod.CQR and group["step"] <= self._cqr_warmup_steps:
             qr_method = QRMethod.RCQR  # Cholesky QR only once the momentum is well-conditioned
         rank = state["Q"].shape[1]
+        compressed = layout.compressed(self._replicate_group, rank)
         return MatrixTask(param=local_tensor(p), grad=grad, momentum=local_tensor(state["momentum"]),
                           Q=local_tensor(state["Q"]), layout=layout, lr=group["lr"], mu=group["mu"],
                           weight_decay=group["weight_decay"], epsilon=group["epsilon"], qr_method=qr_method,
-                          compressed=layout.compressed(self._replicate_group, rank), step=group["step"])
+                          compressed=compressed, average_gradient=self._replicate_group is not None and not compressed
+                          and not averaged, step=group["step"])
 
     # ------------------------------------------------------------------------------------------ scalar algorithms
-    def _scalar_gradients(self, params: list[Tensor]) -> Callable[[], list[Tensor]]:
-        """Start averaging the scalar-algorithm gradients over the replicas (when the optimizer owns that sync: one
-        all-reduce per dtype over a flat buffer); the returned function waits and gives the local gradients."""
+    def _scalar_gradients(self, params: list[Tensor], averaged: set[Tensor]) -> Callable[[], list[Tensor]]:
+        """Start averaging the scalar-algorithm gradients over the replicas (when the optimizer owns that sync and
+        backward has not done it (`averaged`): one all-reduce per dtype over a flat buffer); the returned function
+        waits and gives the local gradients."""
         grads = [local_gradient(p) for p in params]
         if self._replicate_group is None or not grads:
             return lambda: grads
         by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, g in enumerate(grads):
-            by_dtype.setdefault(g.dtype, []).append(i)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if p not in averaged:
+                by_dtype.setdefault(g.dtype, []).append(i)
         flats = {dtype: torch.cat([grads[i].reshape(-1) for i in indices]) for dtype, indices in by_dtype.items()}
         works = [all_reduce(flat, self._replicate_group) for flat in flats.values()]
 

@@ -11,7 +11,9 @@ side of Q). Either side may be sharded over one process group:
 FSDP2 (`outer_shard_mesh`) and TP (`inner_shard_mesh`) only decide which group shards which side, so every
 combination (FSDP only, TP only, FSDP + TP on the two dims, any orientation) follows the same pattern and no rank ever
 gathers a full matrix. Data-parallel replicas (`replicate_mesh`) average either the gradient (all of it) or the
-low-rank P and R (compressed, PowerSGD-style), see `MatrixLayout.compressed`.
+low-rank P and R (compressed, PowerSGD-style), see `MatrixLayout.compressed`. A P or R that is summed over a shard
+group first is divided among that group's ranks before the replicas average it (`sum_then_average`), so the
+replicas exchange (m + n) r / |shards| elements per matrix and rank, not (m / |shards| + n) r.
 
 Collectives are issued asynchronously and handed to the caller as `Work` objects: the update code is written as
 generators that `yield` each pending collective, and a driver decides when to wait (`run_blocking` waits at once;
@@ -175,6 +177,31 @@ def all_reduce_mean(tensor: Tensor, group: ProcessGroup | None) -> Collectives:
         tensor.div_(group_size(group))
 
 
+def sum_then_average(tensor: Tensor, group: ProcessGroup | None, replicas: ProcessGroup | None) -> Collectives:
+    """Sum `tensor` over `group`, then average it over `replicas`, in place.
+
+    After the sum every rank of `group` holds the same tensor, so the replicas need not all exchange all of it: the
+    sum is reduce-scattered over `group` (the flat tensor, zero-padded to a multiple of |group|), each rank averages
+    its 1/|group| share over the replicas, and an all-gather over `group` puts the shares back together. That moves
+    as much over `group` as the all-reduce would, and |group| times less over the replicas: (m + n) r / fs elements
+    per rank per HSDP matrix for Dion's P and R instead of (m / fs + n) r. The replica group of rank i of `group`
+    must hold the ranks at position i of the other copies of `group` (a (dp, fs) mesh does), so that the ranks
+    averaging a share hold the same elements."""
+    if group is None or replicas is None:
+        yield all_reduce(tensor, group)
+        yield from all_reduce_mean(tensor, replicas)
+        return
+    numel, world = tensor.numel(), group_size(group)
+    share = -(-numel // world)
+    flat = tensor.new_zeros(world * share)
+    flat[:numel] = tensor.reshape(-1)
+    mine = flat.new_empty(share)
+    yield _reduce_scatter(mine, flat, group=group, async_op=True)
+    yield from all_reduce_mean(mine, replicas)
+    yield _all_gather(flat, mine, group=group, async_op=True)
+    tensor.copy_(flat[:numel].view_as(tensor))
+
+
 def reduce_scatter_batch(stack: Tensor, group: ProcessGroup) -> Collectives:
     """Sum a stack (b x ...) over `group`; rank i receives matrices [i b/w, (i+1) b/w). b must divide by w."""
     out = stack.new_empty((stack.shape[0] // group_size(group), *stack.shape[1:]))
@@ -215,6 +242,33 @@ def all_gather_rows(local: Tensor, group: ProcessGroup | None, rows: tuple[int, 
     # (w b, chunk, r) -> (b, w chunk, r), then drop the padding rows of the short last shards.
     gathered = gathered.view(world, *padded.shape).permute(1, 0, 2, 3)
     return gathered.reshape(local.shape[0], world * chunk, local.shape[2])[:, :total]
+
+
+class HostFlag:
+    """A boolean device tensor read on the host without stalling the pipeline: on CUDA it is copied into pinned
+    memory on the current stream and an event is recorded, so the generator can `yield` it like a pending collective;
+    `run_overlapped` then resumes other batches (enqueuing their kernels and collectives) and waits for the event only
+    when this batch is the oldest one in flight. On the CPU the value is there at once. Every rank of the group the
+    value was reduced over reads the same value, so the collectives that follow stay in the same order on every rank.
+    """
+
+    def __init__(self, flag: Tensor):
+        self._event = None
+        if flag.device.type == "cuda":
+            self._host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flag
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def __bool__(self) -> bool:
+        self.wait()
+        return bool(self._host.all())
 
 
 def run_blocking(collectives: Collectives):

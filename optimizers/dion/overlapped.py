@@ -10,6 +10,10 @@ arXiv 2504.05295, Algorithm 1 at scale:
   all-reduce, and 1/world of the QR work per rank.
 - Overlap: several batches are in flight at once (`max_batches_in_flight`); every collective is asynchronous, and while
   one batch waits for its P or R another one computes (`optimizers.dion.distributed.run_overlapped`).
+- No blocking host round trip: the one host decision of a batch (whether the Cholesky-based orthonormalization must
+  fall back) is yielded as a `HostFlag`, read from pinned memory after a recorded CUDA event, so the host waits for it
+  only once the other batches in flight have been issued. On CUDA, `async_op=True` collectives run on the process
+  group's own stream, and `Work.wait()` only makes the compute stream wait for them: the host never blocks on them.
 """
 from __future__ import annotations
 

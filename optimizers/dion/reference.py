@@ -20,7 +20,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from optimizers.dion.core import DionBase, MatrixTask, orthonormalize
-from optimizers.dion.distributed import Collectives, all_reduce, all_reduce_mean, run_blocking
+from optimizers.dion.distributed import Collectives, all_reduce, all_reduce_mean, run_blocking, sum_then_average
 from optimizers.dion.linalg import column_normalize, column_sq_norms, update_scale
 
 
@@ -32,7 +32,7 @@ def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None
     A zero or non-finite B leaves M and Q unchanged and makes the low-rank term zero (weight decay still applies)."""
     layout = task.layout
     G = task.grad
-    if replicate_group is not None and not task.compressed:
+    if task.average_gradient:
         G = G.clone()
         yield from all_reduce_mean(G, replicate_group)
     compressed_group = replicate_group if task.compressed else None
@@ -41,13 +41,11 @@ def dion_reference_update(task: MatrixTask, replicate_group: ProcessGroup | None
     Q = task.Q.to(B.dtype)
     for _ in range(power_iters):
         P = A @ Q
-        yield all_reduce(P, layout.column_group)
-        yield from all_reduce_mean(P, compressed_group)
+        yield from sum_then_average(P, layout.column_group, compressed_group)
         P, valid = yield from orthonormalize(P[None], task.qr_method, layout, task.sketch_seed, oversample)
         P, valid = P[0].to(B.dtype), valid[0]
         R = A.T @ P
-        yield all_reduce(R, layout.row_group)
-        yield from all_reduce_mean(R, compressed_group)
+        yield from sum_then_average(R, layout.row_group, compressed_group)
         Q = R
     P = torch.where(valid, P, 0.0)
 

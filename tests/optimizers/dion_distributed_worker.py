@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from optimizers.dion.batched import Dion
 from optimizers.dion.overlapped import DionAsync
@@ -34,8 +35,10 @@ from optimizers.dion.reference import DionReference
 CLASSES = (DionReference, Dion, DionAsync)
 STEPS = 3
 # Repeated shapes fill batches (and pad DionAsync's shares); 10, 14 and 5 rows split unevenly over 4 ranks, and the
-# 5 x 4 matrix leaves one rank without rows of P.
-SHAPES = [(12, 8), (8, 12), (12, 8), (10, 10), (6, 14), (12, 8), (14, 6), (5, 4)]
+# 5 x 4 matrix leaves one rank without rows of P. The 13 x 9 and 9 x 13 matrices (rank 5 at rank_fraction 0.5, so
+# compressed) give a P or R of 45 or 65 elements summed over the shards, which the divided replica sync pads to an
+# even split over 2 shards (7 / 6 rows or 5 / 4 columns per shard, depending on the layout).
+SHAPES = [(12, 8), (8, 12), (12, 8), (10, 10), (6, 14), (12, 8), (14, 6), (13, 9), (9, 13), (13, 9), (5, 4)]
 NAN_MATRIX = len(SHAPES) - 1
 # The NaN goes into the last step, so that a rank that took it for a valid matrix still holds the damage at the end.
 LAST_STEP = STEPS - 1
@@ -120,20 +123,51 @@ def model_batches():
              torch.randn(16, 3, generator=generator, dtype=torch.float64)) for _ in range(STEPS)]
 
 
-def train_model(model: TinyMLP, cls, parts: int, part: int, **options) -> TinyMLP:
-    """STEPS steps on batch rows [part, part + 1) of `parts` equal slices (the whole batch when parts == 1)."""
+def train_model(model: TinyMLP, cls, parts: int, part: int, micro_batches: int = 1, announce: bool = False,
+                after_backward=None, step_collectives: list | None = None, **options) -> TinyMLP:
+    """STEPS steps on batch rows [part, part + 1) of `parts` equal slices (the whole batch when parts == 1), in
+    `micro_batches` accumulated micro-batches as the training loop runs them: an FSDP2 model syncs on the last one
+    only, and with `announce` the optimizer is told before each backward whether it is the last (prepare_backward).
+    after_backward(optimizer) runs between the last backward and step(); step_collectives, when given, receives
+    the number of collectives each step() issues."""
     groups = [dict(params=model.matrices()), dict(params=[model.gain], algorithm="lion", lr=0.01)]
     optimizer = cls(groups, **OPTIONS, **options)
     for x, target in model_batches():
         rows = x.shape[0] // parts
+        x, target = x[part * rows:(part + 1) * rows], target[part * rows:(part + 1) * rows]
         optimizer.zero_grad()
-        model(x[part * rows:(part + 1) * rows], target[part * rows:(part + 1) * rows]).backward()
-        optimizer.step()
+        for micro, (x_part, target_part) in enumerate(zip(x.chunk(micro_batches), target.chunk(micro_batches))):
+            last = micro == micro_batches - 1
+            if isinstance(model, FSDPModule):
+                model.set_requires_gradient_sync(last)
+            if announce:
+                optimizer.prepare_backward(last_micro_batch=last)
+            (model(x_part, target_part) / micro_batches).backward()
+        if after_backward is not None:
+            after_backward(optimizer)
+        with CollectiveCalls() as calls:
+            optimizer.step()
+        if step_collectives is not None:
+            step_collectives.append(calls.count)
     return model
 
 
+class CollectiveCalls(TorchDispatchMode):
+    """The number of c10d collectives dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket).startswith(("c10d.", "_c10d_functional.")):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def model_scenario(shard, parts: int, part: int, **options) -> dict[str, float]:
-    """FSDP2-wrapped TinyMLP (shard(model) applies fully_shard) against the single-process run on the full batch."""
+    """FSDP2-wrapped TinyMLP (shard(model) applies fully_shard) against the single-process run on the full batch.
+    options may include train_model's micro_batches and announce."""
     torch.manual_seed(0)
     base = TinyMLP().double()
     reference = train_model(copy.deepcopy(base), DionReference, 1, 0, rank_fraction=0.5)
@@ -144,6 +178,47 @@ def model_scenario(shard, parts: int, part: int, **options) -> dict[str, float]:
         train_model(model, cls, parts, part, rank_fraction=0.5, **options)
         result[cls.__name__] = max_difference(model.parameters(), reference.parameters())
     result["moved"] = max_difference(base.parameters(), reference.parameters())
+    return result
+
+
+def backward_sync_scenario(shard, parts: int, part: int, replicate_group, **options) -> dict:
+    """Two accumulated micro-batches per step with the replicas' full-gradient average started during the last
+    backward (`prepare_backward`), against the same run that leaves it to step() and against the single-process run
+    on the whole batch. Also: after the first step's backward, the fully averaged gradients (the Lion gain; the 3 x 6
+    head, not compressed at rank 2) equal the whole batch's gradient, the compressed matrices' gradients stay local,
+    and step() issues exactly two collectives fewer (the scalar and the full-gradient averages), so nothing is
+    averaged twice."""
+    torch.manual_seed(0)
+    base = TinyMLP().double()
+    reference = train_model(copy.deepcopy(base), DionReference, 1, 0, rank_fraction=0.5)
+    whole = copy.deepcopy(base)
+    x, target = model_batches()[0]
+    whole(x, target).backward()
+    result = {"moved": max_difference(base.parameters(), reference.parameters())}
+    for cls in CLASSES:
+        runs, calls = {}, {}
+        checks = {}
+
+        def after_backward(optimizer):
+            if checks:
+                return
+            model = runs_model
+            checks["averaged"] = max_difference([model.gain.grad, model.out.weight.grad],
+                                                [whole.gain.grad, whole.out.weight.grad])
+            checks["compressed_local"] = not replicas_agree([model.up.weight.grad], replicate_group)
+        for announce in (False, True):
+            runs_model = copy.deepcopy(base)
+            shard(runs_model)
+            calls[announce] = []
+            train_model(runs_model, cls, parts, part, micro_batches=2, announce=announce,
+                        after_backward=after_backward if announce else None, step_collectives=calls[announce],
+                        rank_fraction=0.5, **options)
+            runs[announce] = runs_model
+        result[cls.__name__] = max_difference(runs[True].parameters(), reference.parameters())
+        result[f"{cls.__name__}_vs_in_step"] = max_difference(runs[True].parameters(), runs[False].parameters())
+        result[f"{cls.__name__}_averaged_in_backward"] = checks["averaged"]
+        result[f"{cls.__name__}_compressed_local"] = checks["compressed_local"]
+        result[f"{cls.__name__}_step_collectives_saved"] = sorted({a - b for a, b in zip(calls[False], calls[True])})
     return result
 
 
@@ -192,6 +267,8 @@ def two_ranks() -> dict:
     results["ddp_compressed"] = synthetic_scenario(plain, 2, rank, rank_fraction=0.25, replicate_mesh=world)
     results["ddp_full_gradient"] = synthetic_scenario(plain, 2, rank, rank_fraction=1.0, replicate_mesh=mesh,
                                                       qr_method="cqr", cqr_warmup_steps=1)
+    # Gradient accumulation with the full-gradient average started in backward: plain (DDP-like) parameters.
+    results["backward_sync_ddp"] = backward_sync_scenario(lambda model: None, 2, rank, world, replicate_mesh=world)
     # Compressed P/R sync vs full-gradient sync (gradients averaged before the step, replicate_mesh_grad_sync off).
     compressed, compressed_opt = run_synthetic(Dion, plain, 2, rank, rank_fraction=0.25, replicate_mesh=world)
     synced, _ = run_synthetic(Dion, plain, 2, rank, rank_fraction=0.25, replicate_mesh=world,
@@ -222,6 +299,11 @@ def four_ranks() -> dict:
     # HSDP: FSDP2 over fs, Dion syncs the dp replicas (compressed where it pays); each rank trains on a quarter.
     results["hsdp_model"] = model_scenario(fully_shard_layers(mesh["fs"]), 4, 2 * replica + shard,
                                            outer_shard_mesh=mesh["fs"], replicate_mesh=mesh["dp"])
+    # The same with FSDP2 sharding over fs: its post-accumulate-grad hooks fire on the sharded parameters after the
+    # reduce-scatter of the last micro-batch.
+    results["backward_sync_hsdp"] = backward_sync_scenario(fully_shard_layers(mesh["fs"]), 4, 2 * replica + shard,
+                                                           mesh["dp"].get_group(), outer_shard_mesh=mesh["fs"],
+                                                           replicate_mesh=mesh["dp"])
     # HSDP with FSDP2 syncing the replicas itself (2-D mesh, Replicate on dp): the optimizer must not sync again.
     results["hsdp_synced_model"] = model_scenario(fully_shard_layers(mesh), 4, 2 * replica + shard,
                                                   outer_shard_mesh=mesh["fs"], replicate_mesh=mesh["dp"],

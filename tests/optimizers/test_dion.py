@@ -446,3 +446,30 @@ def test_registry_builds_dion_with_scalar_groups_and_mixed_precision(name, cls):
     with pytest.raises(ValueError, match=f"not an option of optimizer '{name}'"):
         build_optimizer(name, OptimizerContext(matrix_params=matrices, embedding_params=[], lm_head_params=[],
                                                vector_params=[], model_dim=8, options=dict(rank=4)))
+
+
+@pytest.mark.parametrize("qr_method", ["rcqr", "cqr"])
+def test_dion_async_reads_each_fallback_flag_only_after_the_next_batch_was_issued(monkeypatch, qr_method):
+    # The Cholesky fallback decision is a host read; DionAsync must yield it like a pending collective so that the
+    # other batches in flight are issued before the host waits (on CUDA the read would otherwise stall the pipeline).
+    import optimizers.dion.distributed as dion_distributed
+    events = []
+    real_init, real_wait = dion_distributed.HostFlag.__init__, dion_distributed.HostFlag.wait
+
+    def init(flag, value):
+        events.append(("flag", id(flag)))
+        real_init(flag, value)
+
+    def wait(flag):
+        events.append(("wait", id(flag)))
+        real_wait(flag)
+
+    monkeypatch.setattr(dion_distributed.HostFlag, "__init__", init)
+    monkeypatch.setattr(dion_distributed.HostFlag, "wait", wait)
+    params = make_params([(40, 16), (24, 12)], dtype=torch.float32)
+    train(DionAsync, params, steps=1, qr_method=qr_method, cqr_warmup_steps=0)
+    created = [event for event in events if event[0] == "flag"]
+    assert len(created) >= 2, events  # one decision per batch at least
+    first = created[0][1]
+    between = events[events.index(("flag", first)) + 1:events.index(("wait", first))]
+    assert ("flag", created[1][1]) in between, events  # the second batch got as far as its own flag first

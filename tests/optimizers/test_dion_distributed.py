@@ -69,6 +69,23 @@ def test_compressed_pr_sync_equals_full_gradient_sync_and_checkpoint_sync_averag
     assert result["synced_momentum"] < TOLERANCE
 
 
+def assert_backward_sync_matches_in_step_sync(result: dict) -> None:
+    assert_matches_single_process(result)
+    for name in CLASSES:
+        assert result[f"{name}_vs_in_step"] < TOLERANCE, (name, result)
+        assert result[f"{name}_averaged_in_backward"] < TOLERANCE, (name, result)
+        assert result[f"{name}_compressed_local"], (name, result)
+        assert result[f"{name}_step_collectives_saved"] == [2], (name, result)
+
+
+def test_gradient_average_started_in_backward_with_accumulation_equals_in_step_average_ddp(two_ranks):
+    assert_backward_sync_matches_in_step_sync(two_ranks["backward_sync_ddp"])
+
+
+def test_gradient_average_started_in_backward_after_fsdp2_reduce_scatter_equals_in_step_average_hsdp(four_ranks):
+    assert_backward_sync_matches_in_step_sync(four_ranks["backward_sync_hsdp"])
+
+
 @pytest.mark.parametrize("scenario", ["fsdp_model", "fsdp_either_dim"])
 def test_fsdp2_outer_sharding_matches_single_process(two_ranks, scenario):
     assert_matches_single_process(two_ranks[scenario])

@@ -148,3 +148,21 @@ def test_a_two_rank_fsdp_checkpoint_loads_into_one_process(tmp_path):
     fresh = build_model(config)
     fresh.load_state_dict(torch.load(out))
     assert torch.equal(probe_logits(fresh), probe_logits(model))
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_checkpoint_loads_into_one_process_and_generates(tmp_path):
+    """TP shards the embedding and LM head on the vocabulary (parallel.vocab_parallel, the default): DCP saves them
+    by name as whole tensors, so generate.py's one-process model gets both halves of every vocab-sized table."""
+    result = torchrun(2, *TINY, "--device_batch_size", "2", "--tp_size", "2", "--run_dir", str(tmp_path),
+                      "--num_iterations", "2", "--checkpoint_freq", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config, model, checkpoint = generate.load_run(tmp_path)
+    assert config.parallel.vocab_parallel and checkpoint.name == "step_00000002"
+    initial = build_model(config)
+    half = config.model.vocab_size // 2
+    for name in ("embed.weight", "lm_head.weight"):  # both TP ranks' rows were trained and saved
+        trained, start = model.get_parameter(name), initial.get_parameter(name)
+        assert not torch.equal(trained[:half], start[:half]) and not torch.equal(trained[half:], start[half:]), name
+    tokens = generate.sample(model, [1, 2, 3], 5, config.model.sequence_length, config.model.vocab_size, seed=0)
+    assert len(tokens) == 5

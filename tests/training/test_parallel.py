@@ -13,7 +13,10 @@ import sys
 
 import pytest
 
+from optimizers.registry import OPTIMIZERS as REGISTRY
 from tests.training.helpers import ROOT, TINY, read_metrics, run_train, torchrun, train_losses
+from tests.training.test_every_optimizer import LEARNING_RATES
+from tests.training.test_every_optimizer import OPTIONS as EVERY_OPTIONS
 
 pytestmark = pytest.mark.slow  # multi-process (torchrun) runs: the quick subset leaves them out
 
@@ -90,6 +93,7 @@ def test_fsdp_checkpoint_resumes_under_ddp(tmp_path):
     (["--dp_size", "3"], ["dp_size x fs_size x tp_size", "= 3", "(2)"]),
     (["--tp_size", "2", "--n_head", "3", "--model_dim", "48"], ["tp_size", "n_head"]),
     (["--tp_size", "2", "--optimizer", "soap"], ["tp_size", "soap", "tensor parallelism"]),
+    (["--tp_size", "2", "--model.vocab_size", "50305"], ["tp_size", "vocab_size", "vocab_parallel"]),
 ])
 def test_bad_mesh_fails_with_one_clear_line(mesh_args, words, tmp_path):
     result = torchrun(2, *TINY, "--run_dir", str(tmp_path), *mesh_args)
@@ -99,6 +103,16 @@ def test_bad_mesh_fails_with_one_clear_line(mesh_args, words, tmp_path):
     for word in words:
         assert word in errors[0]
     assert "Traceback (most recent call last):\n  File \"" + str(ROOT / "train.py") not in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(name for name, spec in REGISTRY.items() if spec.supports_tensor_parallel))
+def test_every_tensor_parallel_optimizer_matches_single_process_with_the_vocab_parallel_head(name, tmp_path):
+    """TP shards the embedding and LM head on the vocabulary by default, so every optimizer that accepts TP must
+    update those shards as the whole tables (element-wise on the local shard, or sums reduced over the shards)."""
+    args = [*STEPS, "--optimizer", name, "--lr", str(LEARNING_RATES.get(name, 0.01)), *EVERY_OPTIONS.get(name, [])]
+    assert run_train(tmp_path / "single", *args) == 0
+    losses = launch(2, tmp_path / "tp", *args, "--tp_size", "2")
+    assert losses == pytest.approx(train_losses(tmp_path / "single"), rel=1e-4)
 
 
 def _free_port() -> int:

@@ -15,18 +15,20 @@ def test_run_writes_metrics_and_resolved_config(tmp_path, capsys):
                      "--val_loss_every", "2") == 0
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    out = capsys.readouterr().out
+    peak = float(out.split("mfu: against ")[1].split(" TFLOP/s per device (float32 matmul measured at start)")[0])
     for record in records[1:]:
         assert {"step", "train_loss", "lr", "tokens", "time", "grad_norm", "tflops"} <= set(record)
         # achieved TFLOP/s = tokens/s x training FLOPs per token (6 N + attention; 9.74 MFLOPs for this model)
         assert record["tflops"] == pytest.approx(record["tokens_per_second"] * 9_738_240 / 1e12, abs=1e-4)
-        assert "mfu" not in record  # no known peak on a CPU
+        # on a CPU, against the float32 matmul rate measured at start (printed)
+        assert 0 < record["mfu"] == pytest.approx(record["tflops"] / peak, rel=1e-2, abs=2e-4)
     assert records[4]["tokens"] == 4 * 4 * 32
     assert "val_loss" in records[0] and "val_loss" in records[2] and "val_loss" in records[4]
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["optimizer"]["name"] == "adamw" and saved["optimizer"]["lr"] == 0.01
     assert saved["schedule"]["num_iterations"] == 4 and saved["model"]["model_dim"] == 32
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
-    out = capsys.readouterr().out
     assert "parameters = 1,609,728 embedding + " in out and "MFLOPs/token (training); 128 tokens/step" in out
     assert f"outputs: {tmp_path / 'metrics.jsonl'}" in out
 
@@ -193,3 +195,22 @@ def test_steps_that_do_not_log_make_no_host_sync(tmp_path, monkeypatch):
                          "0", "--logging.log_every", str(every)) == 0
         counts[every] = calls["n"]
     assert counts[6] > 0 and counts[3] == 2 * counts[6] and counts[1] == 6 * counts[6], counts
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA GeForce RTX 3090", None)])
+def test_mfu_peak_of_a_gpu_comes_from_its_datasheet_entry(monkeypatch, name, peak):
+    import torch
+
+    from trainer.metrics import peak_tflops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops(torch.device("cuda", 0))[0] == peak
+
+
+def test_mfu_peak_of_a_cpu_is_a_measured_matmul_rate():
+    import torch
+
+    from trainer.metrics import peak_tflops
+    peak, source = peak_tflops(torch.device("cpu"))
+    assert 1e-4 < peak < 100 and "measured" in source  # 2 CPU cores: tenths of a TFLOP/s

@@ -57,6 +57,18 @@ class Model(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
+    def initial_values(self):
+        """What construction after the same seed draws, parameter by parameter (for meta-device builds)."""
+        d, vocab = self.config.model_dim, self.config.vocab_size
+        yield "embed.weight", nn.Embedding(vocab, d, device="cpu").weight.detach()
+        for index in range(len(self.blocks)):
+            yield f"blocks.{index}.fc.weight", nn.Linear(d, d, bias=False, device="cpu").weight.detach()
+        nn.Linear(d, vocab, bias=False, device="cpu")  # drawn, then zeroed
+        yield "lm_head.weight", torch.zeros(vocab, d)
+
+    def reset_buffers(self) -> None:
+        """No buffers."""
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"matrix": [b.fc.weight for b in self.blocks], "embedding": [self.embed.weight],
                 "lm_head": [self.lm_head.weight], "vector": []}
