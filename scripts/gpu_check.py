@@ -206,8 +206,8 @@ def throughput(runner: Runner, plan: Plan) -> Stage:
     status, output, seconds = runner.run("throughput_160m", [sys.executable, "train.py", *plan.throughput,
                                                              "--run_dir", str(run_dir)], 240)
     verdict(stage, status, seconds)
-    described = next((line for line in output.splitlines() if line.startswith("model ")), "")
-    stage.lines = [f"`{described}`", "", "| steps | tokens/s | TFLOP/s | MFU | train loss |",
+    described = [line for line in output.splitlines() if line.startswith(("model ", "mfu: "))]
+    stage.lines = [f"`{line}`" for line in described] + ["", "| steps | tokens/s | TFLOP/s | MFU | train loss |",
                    "|---|---:|---:|---:|---:|"]
     previous = 0
     for record in (r for r in metrics(run_dir) if "tokens_per_second" in r):
@@ -217,8 +217,8 @@ def throughput(runner: Runner, plan: Plan) -> Stage:
         previous = record["step"]
     stage.lines.append("")
     stage.lines.append("The first window includes compiling the blocks; the last one is the steady state. MFU is "
-                       "against the device's dense bf16 peak (trainer/metrics.py); n/a where the device is not in "
-                       "its table.")
+                       "against the peak named above (trainer/metrics.py: a GPU's dense bf16 datasheet peak, a CPU's "
+                       "measured float32 matmul rate); n/a where none is known.")
     return stage
 
 
