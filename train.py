@@ -32,7 +32,8 @@ from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_ma
 from trainer.errors import ConfigError, TrainingError, UserError
 from trainer.metrics import RunLogger, peak_tflops
 from trainer.runlock import lock_run_directories
-from trainer.runtime import StopRequest, exit_with_launcher, interrupts_deferred, keep_large_allocations_in_heap
+from trainer.runtime import (StopRequest, allow_tf32_matmuls, exit_with_launcher, interrupts_deferred,
+                             keep_large_allocations_in_heap)
 from trainer.schedule import build_scheduler, configured_hyperparameters, resume_schedule
 
 DIVERGENCE_MARGIN = 1.0  # nats above the first step's loss that a run must not reach
@@ -130,7 +131,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
                               f"(the advanced family has: adam_adv, adopt_adv, prodigy_adv, ...)")
         hooks.register_fused_backward_hooks()
     loader = DistributedTokenLoader(train_files, device_batch_size, config.model.sequence_length, env.data_rank,
-                                    env.data_world_size)
+                                    env.data_world_size, pin_memory=env.device.type == "cuda")
     autocast_dtype = config.precision.autocast_dtype(env.device.type)
     autocast = (lambda: torch.autocast(env.device.type, dtype=autocast_dtype)) if autocast_dtype is not None \
         else contextlib.nullcontext
@@ -317,6 +318,7 @@ def main(argv: list[str]) -> int:
                                       "checkpoint.dir": config.checkpoint_dir}, env)
         if env.device.type == "cpu":
             keep_large_allocations_in_heap()
+        allow_tf32_matmuls(env.device)
         if config.debug:
             torch.autograd.set_detect_anomaly(True)
         stop = StopRequest(config.checkpoint.sigterm_grace_seconds)

@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
-import dataclasses
 import json
 import math
 import os
@@ -206,15 +206,29 @@ def dion_expected_state_bytes(shapes: list[tuple[int, int]], rank_fraction: floa
     return total * FLOAT_BYTES
 
 
-def context(groups: dict[str, list[torch.Tensor]], model_dim: int, **options) -> OptimizerContext:
+def context(groups: dict[str, list[torch.Tensor]], model_dim: int, state_dtype: torch.dtype = torch.float32,
+            **options) -> OptimizerContext:
     """The registry's defaults for each optimizer, with `options` on top."""
-    return OptimizerContext.from_groups(groups, model_dim=model_dim, tokens_per_step=8 * 1024, options=options)
+    return OptimizerContext.from_groups(groups, model_dim=model_dim, tokens_per_step=8 * 1024, options=options,
+                                        state_dtype=state_dtype)
 
 
-def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]]) -> list[Case]:
-    """The benchmark rows for the selected registry names (and their torch.optim references)."""
+def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]],
+                precision: str = "default") -> list[Case]:
+    """The benchmark rows for the selected registry names (and their torch.optim references). precision
+    "float32" / "bfloat16": the states of optimizers with low-precision states (Dion) and the Newton-Schulz /
+    Polar Express products of the orthonormal family in that dtype; "default": each optimizer's own defaults."""
+    from optimizers.registry import option_fields
+
     def registry(name: str, **options):
-        return lambda groups: build_optimizer(name, context(groups, model_dim, **options))
+        state_dtype = torch.float32
+        if precision != "default":
+            state_dtype = getattr(torch, precision) if OPTIMIZERS[name].low_precision_states else torch.float32
+            if "ns_dtype" in option_fields(name):
+                options.setdefault("ns_dtype", precision)
+        return lambda groups: build_optimizer(name, context(groups, model_dim, state_dtype, **options))
+
+    ns_matmul = torch.bfloat16 if precision == "bfloat16" else torch.float32
 
     cases = []
     for name in names:
@@ -227,12 +241,12 @@ def build_cases(names: list[str], model_dim: int, shapes: list[tuple[int, int]])
             for fraction in RANK_FRACTIONS:
                 selected = selected_shapes(shapes, fraction, rows_only=name == "nordion2")
                 cases.append(Case(f"{name}_r{fraction:g}", name, "matrix",
-                                  registry(name, options=dict(fraction=fraction)), fraction,
-                                  newton_schulz_products(selected)))
+                                  registry(name, fraction=fraction), fraction,
+                                  newton_schulz_products(selected), matmul_dtype=ns_matmul))
         elif name == "muon":
             ns = newton_schulz_products(shapes)
             # torch.optim.Muon runs Newton-Schulz in bfloat16: its limit is the bf16 matmul throughput.
-            cases += [Case("muon", name, "matrix", registry(name), products=ns),
+            cases += [Case("muon", name, "matrix", registry(name), products=ns, matmul_dtype=ns_matmul),
                       Case("muon_bf16", name, "matrix", registry(name, ns_dtype="bfloat16"),
                            products=ns, matmul_dtype=torch.bfloat16),
                       Case("torch.optim.Muon", name, "matrix",
@@ -455,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collectives", action="store_true",
                         help="only: bytes per collective per step of muon, normuon, dion2, nordion2 at 2 and 4 gloo "
                              "ranks vs the formula (scripts/bench_collectives.py under torchrun)")
+    parser.add_argument("--precision", default="default", choices=["default", "float32", "bfloat16"],
+                        help="Dion's states and the orthonormal family's Newton-Schulz products in this dtype "
+                             "(default: each optimizer's own)")
     parser.add_argument("--markdown", action="store_true", help="emit Markdown tables")
     parser.add_argument("--results", type=Path, metavar="FILE.jsonl",
                         help="append each measured row here; rows already there (same settings) are reused")
@@ -473,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     try:
         store = ResultsFile(args.results, dict(script="bench_optimizers", preset=args.preset, device=str(device),
-                                               repeats=args.repeats, warmup=args.warmup, threads=args.threads))
+                                               precision=args.precision, repeats=args.repeats,
+                                               warmup=args.warmup, threads=args.threads))
     except ResultsFileError as error:
         print(f"error: --results: {error}", file=sys.stderr)
         return 2
@@ -482,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     template = model.param_groups()
     shapes = [tuple(p.shape) for p in template["matrix"]]
     total_parameters = sum(p.numel() for p in model.parameters())
-    cases = build_cases(names, model.config.model_dim, shapes)
+    cases = build_cases(names, model.config.model_dim, shapes, args.precision)
     if args.profile is not None:
         chosen = [c for c in cases if c.label == args.profile]
         if not chosen:
@@ -496,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     matmul = MatmulLimit(device, args.warmup, args.repeats)
     bandwidth = copy_bandwidth(total_parameters, device, args.warmup, args.repeats)
     distinct = sorted(set(shapes))
-    report.heading(f"Optimizer benchmark: preset {args.preset} on {device}", 1)
+    report.heading(f"Optimizer benchmark: preset {args.preset} on {device}, precision {args.precision}", 1)
     report.note(f"Machine: {machine_line(device)}")
     report.note(f"Parameter sets: matrix optimizers {len(shapes)} block matrices {distinct} "
                 f"({sum(m * n for m, n in shapes):,} parameters); element-wise optimizers every parameter "

@@ -4,8 +4,8 @@ Mesh: (dp, fs, tp) with names ("dp", "fs", "tp"). dp = data-parallel replicas, f
 parallel. Data-parallel rank/size for the data loader come from the dp x fs sub-mesh (TP ranks read the same data).
 
 `parallelize` applies, in this fixed order: the model package's tensor-parallel plan (tp > 1), activation
-checkpointing (optional), torch.compile (optional), then FSDP2 `fully_shard` per block and at the root (fs > 1, or
-HSDP with dp > 1), or DDP when nothing is sharded. Which axis the gradient sync covers depends on
+checkpointing (optional), torch.compile per block (optional, fullgraph), then FSDP2 `fully_shard` per block and at
+the root (fs > 1, or HSDP with dp > 1), or DDP when nothing is sharded. Which axis the gradient sync covers depends on
 `replicate_mesh_grad_sync`: when the optimizer syncs the replicas itself (Dion's compressed P/R sync), the dp axis
 is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp.
 """
@@ -117,6 +117,19 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_blocks(model: nn.Module, **compile_options: Any) -> None:
+    """torch.compile each block's forward with fullgraph=True: a graph break (a print, an `.item()`, an unsupported
+    call) fails at the first forward instead of silently splitting the block into several graphs with eager Python
+    between them, a host round trip per break per block per step on a GPU.
+
+    The forward function is compiled, not the module (`block.compile()`): with activation checkpointing the
+    forward is torch.utils.checkpoint around the block's own forward, and Module.compile then compiles nothing
+    (no frame counted by dynamo; with fullgraph it raises "found no compiled frames"). Compiling the forward
+    traces the checkpointed region into the graph. `compile_options` (e.g. a faster `backend`) are for tests."""
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True, **compile_options)
+
+
 def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimizer_syncs_replicas: bool) -> nn.Module:
     """Apply the model's TP plan, activation checkpointing, compile and FSDP2/DDP as described in the module
     docstring. Returns the module to train."""
@@ -131,8 +144,7 @@ def parallelize(model: nn.Module, config: TrainConfig, env: Distributed, optimiz
             raise LayoutError(str(error)) from None
     apply_activation_checkpointing(model, config.parallel.activation_checkpointing)
     if config.compile:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks(model)
     if env.world_size == 1:
         return model
     replicate_by_wrapper = env.dp > 1 and not optimizer_syncs_replicas

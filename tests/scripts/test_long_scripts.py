@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -15,7 +16,7 @@ import bench_optimizers  # noqa: E402
 import optimizer_memory  # noqa: E402
 from results_file import ResultsFile, ResultsFileError  # noqa: E402
 
-from models import PRESETS, GPTConfig  # noqa: E402
+from models import GPT, PRESETS, GPTConfig  # noqa: E402
 
 MICRO = GPTConfig(vocab_size=64, n_layer=1, n_head=2, model_dim=16, sequence_length=8)
 
@@ -125,3 +126,21 @@ def test_results_file_drops_a_line_cut_short_and_keeps_appending(tmp_path):
     assert ResultsFile(path, {"preset": "x"}).rows == {"a": {"bytes": 1}, "b": {"bytes": 2}}
     with pytest.raises(ResultsFileError, match="use another file"):
         ResultsFile(path, {"preset": "y"})
+
+
+@pytest.mark.parametrize("precision, states, ns", [("bfloat16", torch.bfloat16, torch.bfloat16),
+                                                   ("float32", torch.float32, torch.float32)])
+def test_bench_precision_sets_dion_states_and_newton_schulz_dtype(precision, states, ns):
+    """--precision (scripts/gpu_check.sh times the 160M steps in both): Dion's states and the orthonormal family's
+    Newton-Schulz products in that dtype, the orthonormal rows' matmul limit measured in it too."""
+    model = GPT(MICRO)
+    template = model.param_groups()
+    shapes = [tuple(p.shape) for p in template["matrix"]]
+    cases = {c.label: c for c in bench_optimizers.build_cases(["dion", "muon", "dion2"], 16, shapes, precision)}
+    dion = cases["dion_r1"].make(bench_optimizers.fresh_parameters(template, True, torch.device("cpu")))
+    dion.step()
+    assert {v.dtype for s in dion.state.values() for k, v in s.items() if k in ("momentum", "Q")} == {states}
+    for label in ("muon", "dion2_r0.5"):
+        assert cases[label].make(bench_optimizers.fresh_parameters(template, True, torch.device("cpu"))) \
+            .orthogonalize.dtype == ns
+        assert cases[label].matmul_dtype == ns

@@ -1,0 +1,35 @@
+"""What train.py sets up for a GPU, checked on a machine without one: TF32 float32 matmuls on CUDA only."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train
+from trainer.distributed import Distributed
+
+
+@pytest.fixture
+def highest_precision():
+    """Start from torch's default float32 matmul precision and restore whatever was set before."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_train_turns_on_tf32_matmuls_on_cuda_and_leaves_cpu_alone(monkeypatch, tmp_path, highest_precision):
+    """main() on the CPU (the real device check) and with a CUDA device in place of the real one (no GPU here):
+    `run` sees "high" (TF32) only on CUDA."""
+    seen = {}
+
+    def record_precision(config, env, progress, stop):
+        seen[env.device.type] = torch.get_float32_matmul_precision()
+
+    monkeypatch.setattr(train, "run", record_precision)
+    assert train.main(["--run_dir", str(tmp_path / "cpu")]) == 0
+    assert torch.get_float32_matmul_precision() == "highest"
+    cuda = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0), dp=1, fs=1, tp=1)
+    monkeypatch.setattr(train, "init_distributed", lambda config: cuda)
+    assert train.main(["--run_dir", str(tmp_path / "cuda")]) == 0
+    assert seen == {"cpu": "highest", "cuda": "high"}
+    assert torch.backends.cuda.matmul.allow_tf32  # what "high" means for CUDA's float32 products
