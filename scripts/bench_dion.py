@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from optimizers.dion.batched import Dion
 from optimizers.dion.core import DionMixedPrecisionConfig
