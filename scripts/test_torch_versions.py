@@ -145,7 +145,7 @@ def test(python: Path, log_path: Path, pytest_args: list[str]) -> tuple[int, str
     command = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=900", *pytest_args]
     print("+", " ".join(command), f"> {log_path}", flush=True)
     load, start = LoadSampler(), time.monotonic()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f` the log
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True)
         for line in process.stdout:
