@@ -163,9 +163,13 @@ def test_ctrl_c_prints_where_the_run_stopped_and_exits_130(tmp_path):
     from tests.training.helpers import ROOT, TINY
     command = [sys.executable, "train.py", *TINY, "--run_dir", str(tmp_path), "--optimizer", "adamw",
                "--num_iterations", "100000", "--checkpoint_freq", "2"]
-    # SIGINT restored in the child: a job started in the background (`cmd &`) ignores SIGINT, and so would train.py.
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A job started in the background (`cmd &`) ignores SIGINT, and an ignored signal stays ignored across exec, so
+    # train.py would never see the Ctrl-C: handled here while the child starts, it is reset to the default on exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     checkpoints = tmp_path / "checkpoints"
     deadline = time.time() + 300
     # Any complete checkpoint (not step_00000004 itself: with checkpoint.keep 2 it is deleted when step 8 is saved,
