@@ -15,7 +15,6 @@ from torch import Tensor
 
 from optimizers.common.foreach_tiles import tiled
 
-
 # The element-wise algorithms that matrix optimizers (Dion, Muon, ...) run on their scalar param groups.
 SCALAR_ALGORITHMS = ("lion", "adamw")
 
@@ -23,6 +22,11 @@ SCALAR_ALGORITHMS = ("lion", "adamw")
 def _same_dtype(*lists: list[Tensor]) -> bool:
     dtype = lists[0][0].dtype
     return all(t.dtype == dtype for tensors in lists for t in tensors)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
 
 
 def _foreach_buckets(*lists: list[Tensor]):
@@ -105,8 +109,13 @@ def lion_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             lion_update(*bucket, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
         return
     if _same_dtype(params, grads, exp_avgs):
-        updates = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_sign_(updates)
+        if _is_dtensor(params[0]):
+            # torch 2.11's DTensor (FSDP2, TP) has no sharding strategy for the out-of-place _foreach_lerp nor for
+            # _foreach_sign_ (2.13 has both); per tensor, the same kernels run on every version.
+            updates = [m.lerp(g, 1.0 - beta1).sign_() for m, g in zip(exp_avgs, grads)]
+        else:
+            updates = torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1)
+            torch._foreach_sign_(updates)
         if weight_decay != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
         torch._foreach_add_(params, updates, alpha=-lr)
