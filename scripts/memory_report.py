@@ -86,7 +86,7 @@ def rows(chunk_tokens: int) -> list[Row]:
         Row("sharded_accumulation", "fsdp_gradient_accumulation sharded",
             ("--parallel.fsdp_gradient_accumulation", "sharded"), needs_sharding=True),
         Row("all_on", "all of the above (AC full)", tuple(word for pair in on for word in pair)),
-        Row("tp_baseline", "every saving off (TP)", (), tensor_parallel=True),
+        Row("tp_baseline", "every saving off (TP)", (f"--{VOCAB_PARALLEL_KEY}", "false"), tensor_parallel=True),
         Row("tp_vocab_parallel", f"{VOCAB_PARALLEL_KEY} true (TP)", (f"--{VOCAB_PARALLEL_KEY}", "true"),
             tensor_parallel=True),
     ]

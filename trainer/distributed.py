@@ -7,7 +7,8 @@ parallel. Data-parallel rank/size for the data loader come from the dp x fs sub-
 checkpointing (optional), torch.compile per block (optional, fullgraph), then FSDP2 `fully_shard` per block and at
 the root (fs > 1, or HSDP with dp > 1), or DDP when nothing is sharded. Which axis the gradient sync covers depends on
 `replicate_mesh_grad_sync`: when the optimizer syncs the replicas itself (Dion's compressed P/R sync), the dp axis
-is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp.
+is left out of FSDP/DDP; otherwise FSDP/DDP sync full gradients over dp. A model built on the meta device
+(trainer/build.py, sharded layouts) goes through the same steps and gets its storage and values afterwards.
 """
 from __future__ import annotations
 

@@ -85,6 +85,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["--optimizer.epsilon", "inf"], ["epsilon=inf", "finite float >= 0"]),
     (["--optimizer.mu", "1.0"], ["mu=1.0", "[0, 1)"]),
     (["--optimizer_args.factored", "true"], ["factored", "'dion'"]),
+    (["--parallel.fsdp_gradient_accumulation", "lazy"], ["fsdp_gradient_accumulation", "'lazy'", "sharded"]),
+    (["--parallel.meta_init", "sometimes"], ["meta_init", "true/false"]),
 ])
 def test_bad_config_raises_one_line_naming_the_key(argv, words):
     with pytest.raises(ConfigError) as error:

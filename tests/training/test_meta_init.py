@@ -18,14 +18,16 @@ import torch
 
 from tests.training.helpers import ROOT, TINY, read_metrics, torchrun
 
-# Two blocks, two heads per TP rank, and a vocabulary that 2 ranks split unevenly (FSDP2 pads the last shard).
+# Two blocks, two heads per TP rank. FSDP2 gets a vocabulary that 2 ranks split unevenly (it pads the last shard);
+# TP one that it divides (the vocab-parallel head requires it).
 SHAPE = ["--model_dim", "32", "--n_head", "4", "--n_layer", "2", "--sequence_length", "16"]
 ODD_VOCAB = ["--model.vocab_size", "301"]
+EVEN_VOCAB = ["--model.vocab_size", "302"]
 LAYOUTS = {
-    "fsdp": (2, ["--fs_size", "2"]),
-    "hsdp_2x2": (4, ["--dp_size", "2", "--fs_size", "2"]),
-    "tp": (2, ["--tp_size", "2"]),
-    "fsdp_tp": (4, ["--fs_size", "2", "--tp_size", "2"]),
+    "fsdp": (2, ["--fs_size", "2", *ODD_VOCAB]),
+    "hsdp_2x2": (4, ["--dp_size", "2", "--fs_size", "2", *ODD_VOCAB]),
+    "tp": (2, ["--tp_size", "2", *EVEN_VOCAB]),
+    "fsdp_tp": (4, ["--fs_size", "2", "--tp_size", "2", *EVEN_VOCAB]),
 }
 
 
@@ -54,7 +56,7 @@ def _worker(mesh_args: list[str], out: str) -> None:
     from trainer.build import build_model, builds_on_meta, initialize_sharded, optimizer_syncs_replicas
     from trainer.config import build_config
     from trainer.distributed import init_distributed, parallelize
-    config = build_config([*TINY, *SHAPE, *ODD_VOCAB, "--optimizer", "adamw", *mesh_args])
+    config = build_config([*TINY, *SHAPE, "--optimizer", "adamw", *mesh_args])
     env = init_distributed(config)
     syncs = optimizer_syncs_replicas(config, env)
     direct = parallelize(build_model(config, env.device), config, env, syncs)
