@@ -107,8 +107,11 @@ def test_bad_mesh_fails_with_one_clear_line(mesh_args, words, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(name for name, spec in REGISTRY.items() if spec.supports_tensor_parallel))
 def test_every_tensor_parallel_optimizer_matches_single_process_with_the_vocab_parallel_head(name, tmp_path):
-    """TP shards the embedding and LM head on the vocabulary by default, so every optimizer that accepts TP must
-    update those shards as the whole tables (element-wise on the local shard, or sums reduced over the shards)."""
+    """TP shards the embedding and LM head on the vocabulary by default, so every optimizer that accepts TP must take
+    those shards. A 3-step loss curve: it fails for an optimizer that refuses or mis-updates the sharded tables from
+    their first step (the embedding and LM head move at step 1), not for layout-dependent statistics that act
+    later (a Prodigy D estimate summed over one shard only passed it); every parameter is compared for AdamW, Dion,
+    Muon and adam_adv in test_parallel_params.py."""
     args = [*STEPS, "--optimizer", name, "--lr", str(LEARNING_RATES.get(name, 0.01)), *EVERY_OPTIONS.get(name, [])]
     assert run_train(tmp_path / "single", *args) == 0
     losses = launch(2, tmp_path / "tp", *args, "--tp_size", "2")
