@@ -89,6 +89,17 @@ def test_fsdp_checkpoint_resumes_under_ddp(tmp_path):
     assert launch(2, tmp_path / "moved", *args) == pytest.approx(straight, rel=1e-5)  # DDP: no mesh keys
 
 
+def test_vocab_parallel_checkpoint_resumes_with_the_replicated_head(tmp_path):
+    """DCP saves the vocab-sharded embedding, LM head and their optimizer states by name, so a run may switch
+    parallel.vocab_parallel on resume (like tp_size)."""
+    args = [*OPTIMIZERS["adamw"][0], *STEPS[2:], "--num_iterations", "4", "--checkpoint_freq", "2", "--tp_size", "2"]
+    straight = launch(2, tmp_path / "straight", *args)
+    shutil.copytree(tmp_path / "straight", tmp_path / "switched")
+    shutil.rmtree(tmp_path / "switched" / "checkpoints" / "step_00000004")
+    switched = launch(2, tmp_path / "switched", *args, "--parallel.vocab_parallel", "false")
+    assert switched == pytest.approx(straight, rel=1e-5)
+
+
 @pytest.mark.parametrize("mesh_args, words", [
     (["--dp_size", "3"], ["dp_size x fs_size x tp_size", "= 3", "(2)"]),
     (["--tp_size", "2", "--n_head", "3", "--model_dim", "48"], ["tp_size", "n_head"]),
