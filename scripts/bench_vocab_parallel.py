@@ -57,7 +57,10 @@ def worker(args) -> None:
 
     def pack(tensor):
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        try:
+            storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        except RuntimeError:  # a wrapper without a storage of its own (an in-flight collective's output)
+            storages[id(local)] = local.numel() * local.element_size()
         return tensor
     times = []
     for step in range(args.steps):

@@ -112,7 +112,7 @@ MUTATIONS = [
              (PARALLEL + "::test_every_parameter_matches_single_process[tp-adamw]",)),
     Mutation("vocab-parallel-sum-exp-not-reduced", "models/gpt/parallelize.py",
              "        dist.all_reduce(sum_exp, group=group)\n", "", (VOCAB_PARALLEL,)),
-    Mutation("vocab-parallel-target-counted-on-every-rank", "models/gpt/parallelize.py",
+    Mutation("vocab-parallel-target-on-every-rank", "models/gpt/parallelize.py",
              "owned.to(grad.dtype)", "torch.ones_like(owned, dtype=grad.dtype)", (VOCAB_PARALLEL,)),
     Mutation("dion-scalar-partial-gradient-read-locally", "optimizers/dion/core.py",
              "grads = [local_gradient(p) for p in params]", "grads = [local_tensor(p.grad) for p in params]",

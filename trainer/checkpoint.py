@@ -48,7 +48,7 @@ _HASH_CHUNK = 1 << 22
 RESUMABLE_KEYS = frozenset({
     "schedule.*", "optimizer.lr", "optimizer.weight_decay", "optimizer.scalar.lr", "grad_clip", "logging.*",
     "checkpoint.*", "data.dir", "data.val_tokens", "seed", "compile", "debug", "parallel.dp_size", "parallel.fs_size",
-    "parallel.tp_size", "parallel.activation_checkpointing", "parallel.meta_init",
+    "parallel.tp_size", "parallel.vocab_parallel", "parallel.activation_checkpointing", "parallel.meta_init",
     "parallel.fsdp_gradient_accumulation", "precision.autocast", "precision.param_dtype", "precision.reduce_dtype",
 })
 

@@ -50,7 +50,8 @@ def cross_entropy_check(mesh) -> dict:
     loss = vocab_parallel_cross_entropy(shard, targets, rank * width, mesh.get_group())
     (loss * 0.5).backward()  # a non-unit upstream gradient
     expected_grad = expected_logits.grad[:, rank * width:(rank + 1) * width] * 0.5
-    return {"ce_loss": abs(loss.item() / expected.item() - 1), "ce_grad": (shard.grad - expected_grad).abs().max().item()}
+    return {"ce_loss": abs(loss.item() / expected.item() - 1),
+            "ce_grad": (shard.grad - expected_grad).abs().max().item()}
 
 
 def model_check(mesh, vocab_parallel: bool, chunk_tokens: int) -> dict:

@@ -89,6 +89,17 @@ def test_fsdp_checkpoint_resumes_under_ddp(tmp_path):
     assert launch(2, tmp_path / "moved", *args) == pytest.approx(straight, rel=1e-5)  # DDP: no mesh keys
 
 
+def test_vocab_parallel_checkpoint_resumes_with_the_replicated_head(tmp_path):
+    """DCP saves the vocab-sharded embedding, LM head and their optimizer states by name, so a run may switch
+    parallel.vocab_parallel on resume (like tp_size)."""
+    args = [*OPTIMIZERS["adamw"][0], *STEPS[2:], "--num_iterations", "4", "--checkpoint_freq", "2", "--tp_size", "2"]
+    straight = launch(2, tmp_path / "straight", *args)
+    shutil.copytree(tmp_path / "straight", tmp_path / "switched")
+    shutil.rmtree(tmp_path / "switched" / "checkpoints" / "step_00000004")
+    switched = launch(2, tmp_path / "switched", *args, "--parallel.vocab_parallel", "false")
+    assert switched == pytest.approx(straight, rel=1e-5)
+
+
 @pytest.mark.parametrize("mesh_args, words", [
     (["--dp_size", "3"], ["dp_size x fs_size x tp_size", "= 3", "(2)"]),
     (["--tp_size", "2", "--n_head", "3", "--model_dim", "48"], ["tp_size", "n_head"]),
@@ -107,8 +118,11 @@ def test_bad_mesh_fails_with_one_clear_line(mesh_args, words, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(name for name, spec in REGISTRY.items() if spec.supports_tensor_parallel))
 def test_every_tensor_parallel_optimizer_matches_single_process_with_the_vocab_parallel_head(name, tmp_path):
-    """TP shards the embedding and LM head on the vocabulary by default, so every optimizer that accepts TP must
-    update those shards as the whole tables (element-wise on the local shard, or sums reduced over the shards)."""
+    """TP shards the embedding and LM head on the vocabulary by default, so every optimizer that accepts TP must take
+    those shards. A 3-step loss curve: it fails for an optimizer that refuses or mis-updates the sharded tables from
+    their first step (the embedding and LM head move at step 1), not for layout-dependent statistics that act
+    later (a Prodigy D estimate summed over one shard only passed it); every parameter is compared for AdamW, Dion,
+    Muon and adam_adv in test_parallel_params.py."""
     args = [*STEPS, "--optimizer", name, "--lr", str(LEARNING_RATES.get(name, 0.01)), *EVERY_OPTIONS.get(name, [])]
     assert run_train(tmp_path / "single", *args) == 0
     losses = launch(2, tmp_path / "tp", *args, "--tp_size", "2")
