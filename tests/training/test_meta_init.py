@@ -123,3 +123,8 @@ def test_fsdp_training_is_bit_identical_with_and_without_meta_init(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[2:], sys.argv[1])
+    # The report is written: leave without the interpreter's teardown, where torch 2.11's gloo threads once aborted
+    # a finished rank ("terminate called without an active exception", 1 of 3 runs).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
