@@ -36,8 +36,8 @@ def initialize_sharded(model: nn.Module, config: TrainConfig, device: torch.devi
     same seed, in every layout. The model's `initial_values()` yields each parameter's full tensor in turn (drawn
     from the seeded CPU generator, as a CPU build draws them); every rank keeps its own slice of it (DTensor
     placements over FSDP2's and TP's meshes, no communication). Peak: the shards plus one full parameter and a copy
-    of its slice (the largest: the token embedding or LM head, vocab x model_dim float32). The global generator ends in the state
-    `build_model` leaves it in, so later random draws (e.g. an optimizer's initial Q) match too."""
+    of its slice (the largest: the token embedding or LM head, vocab x model_dim float32). The global generator ends
+    in the state `build_model` leaves it in, so later random draws (e.g. an optimizer's initial Q) match too."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     model.to_empty(device=device)
     inner = unwrap(model)

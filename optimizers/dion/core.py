@@ -6,7 +6,8 @@ same-shape batches, or in batches whose communication overlaps); everything else
 - the constructor (one signature for all three) and the per-group options, validated with clear errors;
 - the optimizer state: `momentum` (X's shape and sharding) and `Q` (n x r, or m x r when Dion works on X^T; rows
   sharded like the matching dimension of X), created on the first step unless a caller put them in `state` already;
-- the scalar algorithms (AdamW / Lion from `optimizers.common.scalar_updates`) for groups with `algorithm` "adamw"/"lion",
+- the scalar algorithms (AdamW / Lion from `optimizers.common.scalar_updates`) for groups with `algorithm`
+  "adamw" / "lion",
   including their data-parallel gradient average when the optimizer owns the replica sync: started during backward
   when the loop announces the last micro-batch (`prepare_backward`, optimizers/dion/replica_sync.py), else in step();
 - `orthonormalize`, the distributed QR step used by all three.
@@ -483,8 +484,10 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
 def runtime_kwargs(ctx) -> dict:
     """The trainer-supplied keywords of the three Dion classes: the device meshes, who syncs the replicas, and bf16
     momentum and Q (float32 variance) when ctx.state_dtype is bfloat16."""
-    mixed_precision = (DionMixedPrecisionConfig(momentum_dtype=torch.bfloat16, Q_dtype=torch.bfloat16,
-                                                variance_dtype=torch.float32) if ctx.state_dtype == torch.bfloat16 else None)
+    mixed_precision = None
+    if ctx.state_dtype == torch.bfloat16:
+        mixed_precision = DionMixedPrecisionConfig(momentum_dtype=torch.bfloat16, Q_dtype=torch.bfloat16,
+                                                   variance_dtype=torch.float32)
     return dict(replicate_mesh=ctx.replicate_mesh, outer_shard_mesh=ctx.outer_shard_mesh,
                 inner_shard_mesh=ctx.inner_shard_mesh, replicate_mesh_grad_sync=ctx.replicate_mesh_grad_sync,
                 mixed_precision_config=mixed_precision)
