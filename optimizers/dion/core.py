@@ -7,8 +7,7 @@ same-shape batches, or in batches whose communication overlaps); everything else
 - the optimizer state: `momentum` (X's shape and sharding) and `Q` (n x r, or m x r when Dion works on X^T; rows
   sharded like the matching dimension of X), created on the first step unless a caller put them in `state` already;
 - the scalar algorithms (AdamW / Lion from `optimizers.common.scalar_updates`) for groups with `algorithm`
-  "adamw" / "lion",
-  including their data-parallel gradient average when the optimizer owns the replica sync: started during backward
+  "adamw" / "lion", including their data-parallel gradient average when the optimizer owns the replica sync: started during backward
   when the loop announces the last micro-batch (`prepare_backward`, optimizers/dion/replica_sync.py), else in step();
 - `orthonormalize`, the distributed QR step used by all three.
 
