@@ -39,9 +39,9 @@ from optimizers.common.tensors import local_gradient, local_tensor
 from optimizers.dion.distributed import (Collectives, HostFlag, MatrixLayout, all_gather_rows, all_reduce,
                                          all_reduce_mean, as_like, group_size, matrix_layout, process_group,
                                          q_placements, run_blocking)
-from optimizers.dion.linalg import (cholesky_upper, compute_dtype, gaussian_sketch, gram, gram_near_identity,
-                                    householder_orthonormalize, initial_q, low_rank_dim, nonzero_and_finite,
-                                    sketch_rows, sketch_triangular_factor, solve_right_upper)
+from optimizers.dion.linalg import (cholesky_upper, compute_dtype, full_precision_matmuls, gaussian_sketch, gram,
+                                    gram_near_identity, householder_orthonormalize, initial_q, low_rank_dim,
+                                    nonzero_and_finite, sketch_rows, sketch_triangular_factor, solve_right_upper)
 from optimizers.dion.replica_sync import BackwardReplicaSync
 
 DION = "dion"  # the param-group algorithm of the matrices
@@ -184,7 +184,8 @@ def orthonormalize(P: Tensor, qr_method: QRMethod, layout: MatrixLayout, sketch_
     if qr_method is QRMethod.RCQR and rows > rank:
         k = sketch_rows(rank, oversample)
         sketch = gaussian_sketch(k, rows, sketch_seed, P.device, P.dtype)[:, start:start + length]
-        SP = sketch @ P
+        with full_precision_matmuls():
+            SP = sketch @ P
         yield all_reduce(SP, layout.row_group)
         valid = nonzero_and_finite(SP)
         P1 = solve_right_upper(P, sketch_triangular_factor(torch.where(valid[:, None, None], SP, 0.0)))

@@ -17,6 +17,7 @@ All of them run in float32, or float64 for float64 inputs (`compute_dtype`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -69,10 +70,28 @@ def initial_q(rows: int, rank: int, seed: int, device: torch.device) -> Tensor:
     return torch.randn((rows, rank), generator=generator, device=device, dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def full_precision_matmuls():
+    """float32 matrix products in full float32 inside, whatever the process chose (train.py lets CUDA use TF32, with
+    a 10-bit mantissa): a Gram matrix or sketch computed in TF32 would leave Cholesky QR's result orthonormal to only
+    ~1e-3 cond(P)^2. The setting is read when each product is launched, so this holds for the products inside."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def gram(P: Tensor) -> Tensor:
-    """P^T P in compute_dtype, (..., r, r): a sum over the rows of P (all-reduce it when the rows are sharded)."""
+    """P^T P in compute_dtype, (..., r, r): a sum over the rows of P (all-reduce it when the rows are sharded),
+    with full-precision products (`full_precision_matmuls`)."""
     P = P.to(compute_dtype(P))
-    return P.mT @ P
+    with full_precision_matmuls():
+        return P.mT @ P
 
 
 def nonzero_and_finite(T: Tensor) -> Tensor:

@@ -104,3 +104,29 @@ def test_rcqr_sketch_changes_with_the_step_part_of_its_seed():
     sketches = [gaussian_sketch(8, 5, (step << 32) + 5, torch.device("cpu"), torch.float32) for step in (1, 2, 3)]
     assert not torch.equal(sketches[0], sketches[1]) and not torch.equal(sketches[1], sketches[2])
     assert torch.equal(sketches[0], gaussian_sketch(8, 5, (1 << 32) + 5, torch.device("cpu"), torch.float32))
+
+
+@pytest.mark.parametrize("qr_method", [QRMethod.CQR, QRMethod.RCQR])
+def test_gram_and_sketch_products_run_in_full_float32_when_the_process_allows_tf32(qr_method):
+    # train.py lets CUDA use TF32 for float32 products (set_float32_matmul_precision("high")); the products inside
+    # the Cholesky-based orthonormalization must not: a 10-bit mantissa there costs orthonormality.
+    from torch.overrides import TorchFunctionMode
+    seen = []
+
+    class RecordPrecision(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "bmm"):
+                seen.append(torch.get_float32_matmul_precision())
+            return func(*args, **(kwargs or {}))
+
+    P = torch.randn(1, 300, 8, generator=torch.Generator().manual_seed(0))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with RecordPrecision():
+            run_blocking(orthonormalize(P, qr_method, matrix_layout(torch.empty(300, 8), None, None), sketch_seed=1,
+                                        oversample=1.25))
+        assert torch.get_float32_matmul_precision() == "high"  # restored
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen and set(seen) == {"highest"}, seen
