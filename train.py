@@ -214,7 +214,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
                 inputs, targets = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
                 with no_gradient_sync(model, micro == accumulation - 1, sharded_accumulation), autocast():
                     loss = model(inputs, targets) / accumulation
-                hooks.prepare_backward(last_micro_batch=micro == accumulation - 1)
+                hooks.prepare_backward(last_micro_batch=micro == accumulation - 1, rescaled_after=config.grad_clip > 0)
                 loss.backward()
                 train_loss += loss.detach()
             # Host syncs (.item(), collectives of the loss, cuda.synchronize) happen only on steps that log, validate or

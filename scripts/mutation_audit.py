@@ -167,8 +167,8 @@ MUTATIONS = [
              "B = torch.add(momentum, local_gradient(p)).to(momentum.dtype)", "B = momentum.clone()",
              (BACKWARD_SYNC_DDP,)),
     Mutation("loop-announces-first-micro-batch-as-last", "train.py",
-             "hooks.prepare_backward(last_micro_batch=micro == accumulation - 1)",
-             "hooks.prepare_backward(last_micro_batch=micro == 0)",
+             "hooks.prepare_backward(last_micro_batch=micro == accumulation - 1, rescaled_after=config.grad_clip > 0)",
+             "hooks.prepare_backward(last_micro_batch=micro == 0, rescaled_after=config.grad_clip > 0)",
              ("tests/training/test_backward_announcement.py",)),
 ]
 

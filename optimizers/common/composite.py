@@ -77,9 +77,9 @@ class CompositeOptimizer(Optimizer, TrainingHooks):
         for opt in self.optimizers:
             training_hooks(opt).synchronize_for_checkpoint()
 
-    def prepare_backward(self, last_micro_batch: bool) -> None:
+    def prepare_backward(self, last_micro_batch: bool, rescaled_after: bool = False) -> None:
         for opt in self.optimizers:
-            training_hooks(opt).prepare_backward(last_micro_batch)
+            training_hooks(opt).prepare_backward(last_micro_batch, rescaled_after)
 
     def hessian_update_due(self) -> bool:
         return any(training_hooks(opt).hessian_update_due() for opt in self.optimizers)

@@ -8,9 +8,12 @@ Capabilities are declared here, never probed with getattr.
                                   the parameters between its two iterates)
     synchronize_for_checkpoint()  make the data-parallel replicas' states identical before saving (Dion's
                                   compressed replica sync)
-    prepare_backward(last)        before each backward of a training step: whether it is the step's last
+    prepare_backward(last, rescaled_after)
+                                  before each backward of a training step: whether it is the step's last
                                   micro-batch, whose gradients are final (Dion, when it syncs the replicas itself,
-                                  starts their full-gradient average during that backward)
+                                  starts their full-gradient average during that backward), and whether the loop
+                                  rescales the gradients after it (clipping: averages stay valid, nothing else
+                                  computed from them does)
     hessian_update_due()          True when the next step wants an extra Hessian pass (Sophia); asked before step()
     hessian_pass(logits_fn)       run that pass (has_hessian_pass): logits_fn() is the model's forward on the
                                   current batch; the loop clears gradients before and after
@@ -37,7 +40,7 @@ class TrainingHooks:
     def synchronize_for_checkpoint(self) -> None:
         """Make the replicas' optimizer states identical before a checkpoint (default: already identical)."""
 
-    def prepare_backward(self, last_micro_batch: bool) -> None:
+    def prepare_backward(self, last_micro_batch: bool, rescaled_after: bool = False) -> None:
         """Called before each backward of a training step (default: nothing to do)."""
 
     def hessian_update_due(self) -> bool:

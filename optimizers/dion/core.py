@@ -7,8 +7,9 @@ same-shape batches, or in batches whose communication overlaps); everything else
 - the optimizer state: `momentum` (X's shape and sharding) and `Q` (n x r, or m x r when Dion works on X^T; rows
   sharded like the matching dimension of X), created on the first step unless a caller put them in `state` already;
 - the scalar algorithms (AdamW / Lion from `optimizers.common.scalar_updates`) for groups with `algorithm`
-  "adamw" / "lion", including their data-parallel gradient average when the optimizer owns the replica sync: started during backward
-  when the loop announces the last micro-batch (`prepare_backward`, optimizers/dion/replica_sync.py), else in step();
+  "adamw" / "lion", including their data-parallel gradient average when the optimizer owns the replica sync:
+  started during backward when the loop announces the last micro-batch (`prepare_backward`,
+  optimizers/dion/replica_sync.py), else in step();
 - `orthonormalize`, the distributed QR step used by all three.
 
 Random numbers are reproducible and identical on every rank: matrix i (its position in the param groups) starts from
@@ -270,11 +271,13 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
                                  f"takes 2D matrices only; put it in a group with algorithm 'lion' or 'adamw'")
             self._index[p] = len(self._index)
 
-    def prepare_backward(self, last_micro_batch: bool) -> None:
+    def prepare_backward(self, last_micro_batch: bool, rescaled_after: bool = False) -> None:
         """Before each backward of a training step. On the last micro-batch (the gradients are final after it) the
         gradients that the replicas average in full, and the first P of the compressed matrices that no shard group
         sums, are averaged during the backward, bucket by bucket as they become final; step() then starts from them.
-        Nothing to do unless the optimizer owns the replica sync."""
+        Nothing to do unless the optimizer owns the replica sync. rescaled_after: the loop multiplies the gradients
+        after backward (clipping by the global norm), so the first P is left to step() (a P taken during backward
+        would be dropped there anyway: `BackwardReplicaSync.projection`)."""
         if self._replicate_group is None:
             return
         if self._backward_sync is None:
@@ -291,7 +294,7 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
             self._backward_sync = BackwardReplicaSync(params, self._replicate_group, self.gradient_bucket_bytes,
                                                       projected, self._first_projection)
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}
-        self._backward_sync.arm(last_micro_batch)
+        self._backward_sync.arm(last_micro_batch, project=not rescaled_after)
 
     @torch.no_grad()
     def _first_projection(self, p: Tensor) -> Tensor:

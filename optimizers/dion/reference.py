@@ -11,8 +11,8 @@ For a matrix X (m x n, m >= n; Dion works on X^T when m < n), momentum M, gradie
     X <- X (1 - lr wd) - lr sqrt(m/n) P Q^T
 
 power_iters > 1 repeats P = orth(B Q), Q = R before the last three lines. Sharded and replicated matrices follow the
-pattern of optimizers/dion/distributed.py; `optimizers.dion.Dion` and `optimizers.dion.overlapped.DionAsync` are the fast
-twins, tested against this class step by step.
+pattern of optimizers/dion/distributed.py; `optimizers.dion.Dion` and `optimizers.dion.overlapped.DionAsync` are the
+fast twins, tested against this class step by step.
 """
 from __future__ import annotations
 

@@ -66,6 +66,7 @@ class BackwardReplicaSync:
         for p in params:
             p.register_post_accumulate_grad_hook(self._gradient_ready)
         self._armed = False
+        self._projecting = True
         self._reset()
         # For the coming step (step() takes and clears them): the parameters whose .grad holds the replicas'
         # average, and the replicas' average of P = (M + G) Q of the projected ones.
@@ -88,9 +89,11 @@ class BackwardReplicaSync:
         self._in_flight: list[tuple[object, Tensor, list[Tensor], list[Tensor]]] = []
         self._callback_queued = False
 
-    def arm(self, syncs: bool) -> None:
-        """Announce the next backward: True when its gradients are final (the last micro-batch of a step)."""
+    def arm(self, syncs: bool, project: bool = True) -> None:
+        """Announce the next backward: `syncs` when its gradients are final (the last micro-batch of a step);
+        `project` False leaves the projected parameters out (their P is then computed in step())."""
         self._armed = syncs
+        self._projecting = project
         self._reset()
         # This backward changes the gradients: an earlier average no longer holds.
         self.synced.clear()
@@ -108,7 +111,7 @@ class BackwardReplicaSync:
             self._started += 1
 
     def _start(self, bucket: list[Tensor]) -> None:
-        params = [p for p in bucket if p.grad is not None]
+        params = [p for p in bucket if p.grad is not None and (self._projecting or p not in self._projected)]
         payloads = [self._project(p) if p in self._projected else local_gradient(p) for p in params]
         if not params:
             return
