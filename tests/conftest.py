@@ -22,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def full_float32_matmuls():
+    """float32 matmuls in full precision for the test (torch's default; train.py lets CUDA use TF32, and a test that
+    runs train.main in this process must not leave that to the next), restoring whatever was set before."""
+    import torch
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)

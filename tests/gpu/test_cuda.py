@@ -79,17 +79,8 @@ def optimizer_gap(name: str, device: torch.device, lr_scale: float = 1.0) -> flo
     return max(gaps)
 
 
-@pytest.fixture
-def full_float32():
-    """No TF32 in the float32 reference runs (train.py turns it on; a test run in the same process must not)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
-
-
 @pytest.mark.parametrize("name", sorted(BF16_CASES))
-def test_bf16_optimizer_steps_track_float32(name, full_float32):
+def test_bf16_optimizer_steps_track_float32(name, full_float32_matmuls):
     gap = optimizer_gap(name, torch.device("cuda"))
     assert gap < BF16_TOLERANCE, f"{name}: bf16 is {gap:.3f} of the movement away from float32"
     wrong_lr = optimizer_gap(name, torch.device("cuda"), lr_scale=0.9)

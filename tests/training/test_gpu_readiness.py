@@ -1,23 +1,13 @@
 """What train.py sets up for a GPU, checked on a machine without one: TF32 float32 matmuls on CUDA only."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 import train
 from trainer.distributed import Distributed
 
 
-@pytest.fixture
-def highest_precision():
-    """Start from torch's default float32 matmul precision and restore whatever was set before."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(previous)
-
-
-def test_train_turns_on_tf32_matmuls_on_cuda_and_leaves_cpu_alone(monkeypatch, tmp_path, highest_precision):
+def test_train_turns_on_tf32_matmuls_on_cuda_and_leaves_cpu_alone(monkeypatch, tmp_path, full_float32_matmuls):
     """main() on the CPU (the real device check) and with a CUDA device in place of the real one (no GPU here):
     `run` sees "high" (TF32) only on CUDA."""
     seen = {}
