@@ -122,9 +122,9 @@ def test_bad_mesh_fails_with_one_clear_line(mesh_args, words, tmp_path):
 
 
 # AdamW, Dion, Muon and adam_adv are compared parameter by parameter under TP (test_parallel_params.py), NorDion2
-# by its loss curve above.
+# (and Dion3, the same algorithm under microsoft/dion's name) by its loss curve above.
 @pytest.mark.parametrize("name", sorted(name for name, spec in REGISTRY.items() if spec.supports_tensor_parallel
-                                        and name not in ("adamw", "dion", "muon", "adam_adv", "nordion2")))
+                                        and name not in ("adamw", "dion", "muon", "adam_adv", "nordion2", "dion3")))
 def test_every_tensor_parallel_optimizer_matches_single_process_with_the_vocab_parallel_head(name, tmp_path):
     """TP shards the embedding and LM head on the vocabulary by default, so every optimizer that accepts TP must take
     those shards. A 3-step loss curve: it fails for an optimizer that refuses or mis-updates the sharded tables from
