@@ -6,13 +6,19 @@ parallelism only relies on the attention reshapes using the *local* number of he
 column-sharded q/k/v projection just sees fewer heads, and on `GPT.output` (LM head + loss) being one method that
 the TP plan can replace on the instance with its vocab-parallel version (`parallelize.py`).
 
-Initialization (chosen for orthonormalized optimizers such as Dion and Muon, whose updates have a fixed spectral
-size regardless of the weight's scale):
+Initialization, `init: zero_out` (the default; chosen for orthonormalized optimizers such as Dion and Muon, whose
+updates have a fixed spectral size regardless of the weight's scale):
 - hidden matrices (q, k, v, MLP input): normal with std 1/sqrt(fan_in), so every layer starts with unit-RMS outputs;
 - the two residual-branch output projections (attention out, MLP out) and the LM head: zero, so every block starts
   as the identity and the initial loss is exactly ln(vocab_size) (uniform prediction);
 - token embedding: standard normal (the RMSNorm that follows makes the scale irrelevant);
 - norm gains: one.
+`init: reference` is microsoft/dion's GPT (models/gpt_model.py at 0a059a4): every linear layer normal with std
+1/sqrt(fan_in) min(1, sqrt(fan_out / fan_in)) (Yang et al. 2023, arXiv 2310.17813), nothing zeroed, token embedding
+standard normal. With `norm_gains: false` the RMSNorms have no learnable gain (the reference's F.rms_norm) and the
+QK-norm runs after the rotary embedding, in the reference's order (the same function without a gain: a rotation keeps
+the RMS). `rope_dtype: bfloat16` rounds the cos/sin tables to bfloat16 as the reference does.
+configs/reference/*.yaml set all three to the reference's values.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GPT2_VOCAB_SIZE = 50257
+INIT_SCHEMES = ("zero_out", "reference")
+ROPE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,12 @@ class GPTConfig:
     loss_chunk_tokens: int = field(default=0, metadata={"help": "compute the LM head and cross-entropy this many "
                                                                 "tokens at a time, recomputed in backward, so the full "
                                                                 "fp32 logits never exist; 0 = all at once"})
+    init: str = field(default="zero_out", metadata={"help": "initial weights: zero_out (residual outputs and LM head "
+                                                           "zero) or reference (microsoft/dion's scheme)"})
+    norm_gains: bool = field(default=True, metadata={"help": "learnable RMSNorm gains; false = the reference's "
+                                                            "parameter-free norms"})
+    rope_dtype: str = field(default="float32", metadata={"help": "precision of the rotary cos/sin tables: float32 or "
+                                                                "bfloat16 (the reference's)"})
 
     def __post_init__(self):
         for key in ("vocab_size", "n_layer", "n_head", "model_dim", "sequence_length"):
@@ -51,6 +65,9 @@ class GPTConfig:
             raise ValueError(f"model_dim: {self.model_dim} is not divisible by n_head={self.n_head}")
         if (self.model_dim // self.n_head) % 2 != 0:
             raise ValueError(f"model_dim / n_head = {self.model_dim // self.n_head} must be even (rotary embedding)")
+        for key, allowed in (("init", INIT_SCHEMES), ("rope_dtype", ROPE_DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
 
     @property
     def head_dim(self) -> int:
@@ -71,19 +88,22 @@ def padded_vocab_size(vocab_size: int = GPT2_VOCAB_SIZE, multiple: int = 128) ->
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021) on the last dimension of (batch, seq, heads, head_dim)."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0, table_dtype: str = "float32"):
         super().__init__()
         self.head_dim, self.max_seq_len, self.base = head_dim, max_seq_len, base
+        self.table_dtype = getattr(torch, table_dtype)
         cos, sin = self._tables()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def _tables(self) -> tuple[Tensor, Tensor]:
-        """cos and sin of the rotation angles, (1, max_seq_len, 1, head_dim / 2) float32, computed on the CPU."""
+        """cos and sin of the rotation angles, (1, max_seq_len, 1, head_dim / 2) float32 (values rounded to
+        table_dtype), computed on the CPU."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu") / self.head_dim
         inv_freq = 1.0 / (self.base ** exponents)
         angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device="cpu"), inv_freq)
-        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        cos, sin = (t.to(self.table_dtype).float() for t in (angles.cos(), angles.sin()))
+        return cos[None, :, None, :], sin[None, :, None, :]
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -108,9 +128,10 @@ class Attention(nn.Module):
         self.k = nn.Linear(d, d, bias=False)
         self.v = nn.Linear(d, d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
-        self.q_norm = nn.RMSNorm(config.head_dim)
-        self.k_norm = nn.RMSNorm(config.head_dim)
-        self.rotary = Rotary(config.head_dim, config.sequence_length)
+        self.q_norm = nn.RMSNorm(config.head_dim, elementwise_affine=config.norm_gains)
+        self.k_norm = nn.RMSNorm(config.head_dim, elementwise_affine=config.norm_gains)
+        self.rotary = Rotary(config.head_dim, config.sequence_length, table_dtype=config.rope_dtype)
+        self.norm_after_rotary = not config.norm_gains  # the reference's order; the same function without gains
 
     def forward(self, x: Tensor) -> Tensor:
         batch, seq_len, _ = x.shape
@@ -118,7 +139,10 @@ class Attention(nn.Module):
         q = self.q(x).view(batch, seq_len, -1, self.head_dim)
         k = self.k(x).view(batch, seq_len, -1, self.head_dim)
         v = self.v(x).view(batch, seq_len, -1, self.head_dim)
-        q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
+        if self.norm_after_rotary:
+            q, k = self.q_norm(self.rotary(q)), self.k_norm(self.rotary(k))
+        else:
+            q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.o(y.transpose(1, 2).reshape(batch, seq_len, -1))
 
@@ -136,9 +160,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.model_dim)
+        self.attn_norm = nn.RMSNorm(config.model_dim, elementwise_affine=config.norm_gains)
         self.attn = Attention(config)
-        self.mlp_norm = nn.RMSNorm(config.model_dim)
+        self.mlp_norm = nn.RMSNorm(config.model_dim, elementwise_affine=config.norm_gains)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -175,15 +199,24 @@ class GPT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.model_dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.final_norm = nn.RMSNorm(config.model_dim)
+        self.final_norm = nn.RMSNorm(config.model_dim, elementwise_affine=config.norm_gains)
         self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
         self.reset_parameters()
 
     def _initializers(self) -> list[tuple[str, Callable[[Tensor], Tensor]]]:
         """(parameter name, in-place initialization of its full tensor) in the order they draw from the generator
-        (the module docstring's scheme). The zero-initialized matrices still draw their normal sample first: that
-        draw was part of this model's initialization from the start, and dropping it would change every value drawn
-        after it (and every recorded result)."""
+        (the module docstring's schemes). zero_out: the zero-initialized matrices still draw their normal sample
+        first: that draw was part of this model's initialization from the start, and dropping it would change every
+        value drawn after it (and every recorded result). reference: the reference's order (embedding, the blocks'
+        matrices, LM head)."""
+        if self.config.init == "reference":
+            out = [("embed.weight", functools.partial(nn.init.normal_, std=1.0))]
+            for name, module in self.named_modules():
+                if isinstance(module, nn.Linear):
+                    fan_out, fan_in = module.weight.shape
+                    std = min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
+                    out.append((f"{name}.weight", functools.partial(nn.init.normal_, std=std)))
+            return out
         zeroed = {self.lm_head} | {block.attn.o for block in self.blocks} | {block.mlp.proj for block in self.blocks}
         out = []
         for name, module in self.named_modules():
@@ -193,7 +226,7 @@ class GPT(nn.Module):
                     out.append((f"{name}.weight", lambda t, std=std: nn.init.normal_(t, std=std).zero_()))
                 else:
                     out.append((f"{name}.weight", functools.partial(nn.init.normal_, std=std)))
-            elif isinstance(module, nn.RMSNorm):
+            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
                 out.append((f"{name}.weight", nn.init.ones_))
         out.append(("embed.weight", functools.partial(nn.init.normal_, std=1.0)))
         return out
