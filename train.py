@@ -48,7 +48,8 @@ class Stopped(Exception):
 def evaluate(model, config: TrainConfig, env: Distributed, val_files, device_batch_size: int, autocast) -> float:
     total, count = torch.zeros((), device=env.device), 0
     for inputs, targets in validation_batches(val_files, device_batch_size, config.model.sequence_length,
-                                              config.data.val_tokens, env.data_rank, env.data_world_size):
+                                              config.data.val_tokens, env.data_rank, env.data_world_size,
+                                              config.data.order):
         with autocast():
             total += model(inputs.to(env.device), targets.to(env.device)).detach()
         count += 1
@@ -107,7 +108,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
     check_data(train_files, val_files if config.logging.val_loss_every > 0 else None, batch_size=device_batch_size,
                sequence_length=config.model.sequence_length, world_size=env.data_world_size,
                num_steps=config.schedule.num_iterations, vocab_size=config.model.vocab_size,
-               val_tokens=config.data.val_tokens)
+               val_tokens=config.data.val_tokens, order=config.data.order)
 
     meta = builds_on_meta(config, env)  # sharded layouts: no rank ever holds the whole model
     model = build_model(config, env.device, meta=meta)
@@ -131,7 +132,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
                               f"(the advanced family has: adam_adv, adopt_adv, prodigy_adv, ...)")
         hooks.register_fused_backward_hooks()
     loader = DistributedTokenLoader(train_files, device_batch_size, config.model.sequence_length, env.data_rank,
-                                    env.data_world_size, pin_memory=env.device.type == "cuda")
+                                    env.data_world_size, pin_memory=env.device.type == "cuda", order=config.data.order)
     autocast_dtype = config.precision.autocast_dtype(env.device.type)
     autocast = (lambda: torch.autocast(env.device.type, dtype=autocast_dtype)) if autocast_dtype is not None \
         else contextlib.nullcontext

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from data.loader import ORDERS
 from trainer.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -63,8 +64,11 @@ class DataConfig:
     device_batch_size: int | None = key(None, "sequences per micro-batch on each rank; null = batch_size / "
                                               "data-parallel ranks (gradient accumulation fills the rest)")
     val_tokens: int = key(16384, "tokens per validation pass (rounded down to whole batches)")
+    order: str = key("sequential", "which tokens each rank reads: sequential (all ranks change shard together) or "
+                                   "reference (microsoft/dion's loader, token for token; see data/loader.py)")
 
     def __post_init__(self):
+        _require(self.order in ORDERS, f"data.order: {self.order!r} is not one of {', '.join(ORDERS)}")
         for name in ("batch_size", "val_tokens"):
             _require(getattr(self, name) > 0, f"data.{name}: must be a positive integer, got {getattr(self, name)}")
         _require(self.device_batch_size is None or self.device_batch_size > 0,
