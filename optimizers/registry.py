@@ -186,7 +186,8 @@ class OptimizerContext:
     and `vector_params` (norm gains, any 1D tensor) are the scalar parameters (see the module docstring).
     `options`: constructor keywords (defaults from `option_fields` where not given). `scalar`: "lion", "adamw" or
     "same" (None: the spec's default). `scalar_lr`: the scalar parameters' LR (None: the optimizer's lr).
-    `state_dtype`: the dtype of the optimizer's states where it supports bfloat16 (`low_precision_states`).
+    `state_dtype`: the dtype of the optimizer's states where it supports bfloat16 (`low_precision_states`);
+    `variance_dtype`: Dion's AdamW variances when state_dtype is bfloat16.
     `tokens_per_step`: the global batch in tokens (Sophia's Hessian scaling).
     Meshes are DeviceMesh objects or None: `replicate_mesh` (data-parallel replicas whose gradients the optimizer
     may sync itself), `outer_shard_mesh` (FSDP, shards rows), `inner_shard_mesh` (TP, shards columns).
@@ -200,6 +201,7 @@ class OptimizerContext:
     scalar: str | None = None
     scalar_lr: float | None = None
     state_dtype: torch.dtype = torch.float32
+    variance_dtype: torch.dtype = torch.float32
     tokens_per_step: int = 0
     replicate_mesh: Any = None
     outer_shard_mesh: Any = None

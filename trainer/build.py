@@ -91,7 +91,8 @@ def build_training_optimizer(model: nn.Module, config: TrainConfig, env: Distrib
     context = OptimizerContext.from_groups(
         model.param_groups(), model_dim=config.model.model_dim, options=dict(config.optimizer.options),
         scalar=config.optimizer.scalar.name, scalar_lr=config.optimizer.scalar.lr,
-        state_dtype=getattr(torch, config.precision.optimizer_states), tokens_per_step=config.tokens_per_step,
+        state_dtype=getattr(torch, config.precision.optimizer_states),
+        variance_dtype=getattr(torch, config.precision.optimizer_variances), tokens_per_step=config.tokens_per_step,
         replicate_mesh=env.submesh("dp"), outer_shard_mesh=env.submesh("fs"), inner_shard_mesh=env.submesh("tp"),
         replicate_mesh_grad_sync=optimizer_syncs_replicas(config, env))
     try:

@@ -141,12 +141,14 @@ class PrecisionConfig:
     param_dtype: str = key("float32", "dtype FSDP2 gathers parameters in (MixedPrecisionPolicy.param_dtype)")
     reduce_dtype: str = key("float32", "dtype FSDP2 reduces gradients in (MixedPrecisionPolicy.reduce_dtype)")
     optimizer_states: str = key("float32", "dtype of the optimizer's states where it supports bfloat16 (Dion: "
-                                           "momentum and Q, and its Lion/AdamW momenta; variances stay float32)")
+                                           "momentum and Q, and its Lion/AdamW momenta)")
+    optimizer_variances: str = key("float32", "dtype of Dion's AdamW variances when optimizer_states is bfloat16 "
+                                              "(bfloat16 = the reference's mixed_precision: true)")
 
     def __post_init__(self):
         _require(self.autocast in ("auto", *DTYPES), f"precision.autocast: {self.autocast!r} is not one of auto, "
                                                      f"{', '.join(DTYPES)}")
-        for name in ("param_dtype", "reduce_dtype", "optimizer_states"):
+        for name in ("param_dtype", "reduce_dtype", "optimizer_states", "optimizer_variances"):
             _require(getattr(self, name) in DTYPES, f"precision.{name}: {getattr(self, name)!r} is not one of "
                                                     f"{', '.join(DTYPES)}")
 

@@ -486,11 +486,11 @@ class DionBase(CheckedParamGroups, Optimizer, TrainingHooks, abc.ABC):
 
 def runtime_kwargs(ctx) -> dict:
     """The trainer-supplied keywords of the three Dion classes: the device meshes, who syncs the replicas, and bf16
-    momentum and Q (float32 variance) when ctx.state_dtype is bfloat16."""
+    momentum and Q (variance in ctx.variance_dtype) when ctx.state_dtype is bfloat16."""
     mixed_precision = None
     if ctx.state_dtype == torch.bfloat16:
         mixed_precision = DionMixedPrecisionConfig(momentum_dtype=torch.bfloat16, Q_dtype=torch.bfloat16,
-                                                   variance_dtype=torch.float32)
+                                                   variance_dtype=ctx.variance_dtype)
     return dict(replicate_mesh=ctx.replicate_mesh, outer_shard_mesh=ctx.outer_shard_mesh,
                 inner_shard_mesh=ctx.inner_shard_mesh, replicate_mesh_grad_sync=ctx.replicate_mesh_grad_sync,
                 mixed_precision_config=mixed_precision)
