@@ -17,9 +17,9 @@ from trainer.config import TrainConfig
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> WSDScheduler:
     schedule = config.schedule
     total = schedule.num_iterations
-    warmup = int(schedule.warmup_ratio * total)
+    warmup = round(schedule.warmup_ratio * total)  # round, as the reference (0.3 x 300 is 89.99...)
     if schedule.name == "wsd":
-        decay = int(schedule.warmdown_ratio * total)
+        decay = round(schedule.warmdown_ratio * total)
         return WSDScheduler(optimizer, warmup, total - warmup - decay, decay)
     if schedule.name == "cosine":
         return WSDScheduler(optimizer, warmup, 0, total - warmup, decay_shape="cosine")
