@@ -358,24 +358,25 @@ def test_loaded_state_returns_to_configured_factor_precision():
 
 def test_bfloat16_parameters_track_the_float32_run():
     # Both runs get the same (bf16-representable) gradients and parameters of size ~0.1 (bf16 spacing ~5e-4), so the
-    # difference is what bf16 parameters and states cost, measured against how far each parameter moved (~0.02).
-    # The 6 x 10 matrix (full-rank 4 x 4 / 3 x 3 factors) stays within 2.6% (observed) of its movement; 10% less lr
-    # gives 10%, a parameter that never moves 100%. The 7-vector's factors are rank-deficient for the first steps,
-    # where the root inverse amplifies the bf16 rounding of its momentum by up to eps^(-1/4): it stays within 39%.
+    # difference is what bf16 parameters and states cost, measured against how far each parameter moved. Shampoo starts
+    # at step 5, when every factor block (4 x 4 and 3 x 3) has seen enough gradients to be full rank: before that the
+    # root inverse of a rank-deficient factor amplifies bf16 rounding by up to epsilon^(-1/4), and that amplification
+    # depends on the CPU's LAPACK kernels (35% here, 56% on CI). Observed here: 2.4% (matrix) and 3.0% (vector);
+    # 10% less lr gives 10%, a parameter that never moves 100%.
     shapes = [(6, 10), (7,)]
     full = [torch.nn.Parameter(0.1 * p.detach()) for p in parameters(shapes, dtype=torch.float32)]
     start = [p.detach().clone() for p in full]
     low = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in full]
     for params in (full, low):
-        optimizer = DistributedShampoo(params, lr=0.01, max_preconditioner_dim=4)
-        for step in range(5):
+        optimizer = DistributedShampoo(params, lr=0.01, max_preconditioner_dim=4, start_preconditioning_step=5)
+        for step in range(10):
             for p, g in zip(params, random_tensors(shapes, seed=1000 + step)):
                 p.grad = g.to(torch.bfloat16).to(p.dtype)
             optimizer.step()
-    for a, b, b0, bound in zip(low, full, start, (0.05, 0.5)):
+    for a, b, b0 in zip(low, full, start):
         assert a.dtype == torch.bfloat16
         moved = (b.detach() - b0).abs().max()
-        assert (a.float() - b.detach()).abs().max() < bound * moved
+        assert (a.float() - b.detach()).abs().max() < 0.08 * moved
 
 
 @pytest.mark.parametrize("options, message", [
