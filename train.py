@@ -30,7 +30,7 @@ from trainer.config import TrainConfig, build_config, help_text
 from trainer.distributed import (Distributed, all_reduce_mean, broadcast_from_main, init_distributed, no_gradient_sync,
                                  parallelize, unwrap)
 from trainer.errors import ConfigError, TrainingError, UserError
-from trainer.metrics import RunLogger, peak_tflops
+from trainer.metrics import RunLogger, describe_param_groups, peak_tflops
 from trainer.runlock import lock_run_directories
 from trainer.runtime import (StopRequest, allow_tf32_matmuls, exit_with_launcher, interrupts_deferred,
                              keep_large_allocations_in_heap)
@@ -126,6 +126,9 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
     optimizer = build_training_optimizer(unwrap(model), config, env)
     hooks = training_hooks(optimizer)
     scheduler = build_scheduler(optimizer, config)
+    if env.is_main:
+        print(describe_param_groups(optimizer, unwrap(model).param_groups(), scheduler, config.optimizer.name),
+              flush=True)
     if config.fused_backward:
         if not hooks.supports_fused_backward:
             raise ConfigError(f"fused_backward: optimizer {config.optimizer.name!r} has no fused backward pass "

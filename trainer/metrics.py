@@ -93,3 +93,44 @@ def measured_matmul_tflops(device, size: int = 512, seconds: float = 0.1) -> flo
         torch.mm(a, b)
         best = max(best, 2 * size ** 3 / (time.perf_counter() - started) / 1e12)
     return best
+
+
+BETAS_ALGORITHMS = ("adamw", "lion")  # scalar algorithms whose momentum is `betas` (a Dion group also carries `mu`)
+
+
+def describe_param_groups(optimizer, roles: dict[str, list], scheduler, optimizer_name: str) -> str:
+    """The hyperparameters of every param group, as the run uses them, and the LR schedule: a table to check a run
+    against a paper in one look. roles: the model's `param_groups()` (matrix / embedding / lm_head / vector);
+    scheduler: a WSDScheduler. Groups without an `algorithm` key run the optimizer's own rule (`optimizer_name`, or
+    the class of the part of a CompositeOptimizer that holds them)."""
+    role_of = {id(p): role for role, params in roles.items() for p in params}
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    owner = {id(group): (optimizer_name if index == 0 else type(part).__name__.lower())
+             for index, part in enumerate(parts) for group in part.param_groups}
+    header = ("group", "role", "algorithm", "tensors", "params", "lr", "momentum", "weight_decay")
+    rows = []
+    for index, group in enumerate(optimizer.param_groups):
+        params = group["params"]
+        role = "+".join(dict.fromkeys(role_of.get(id(p), "other") for p in params)) or "empty"
+        algorithm = group.get("algorithm") or owner.get(id(group), optimizer_name)
+        if "mu" in group and algorithm not in BETAS_ALGORITHMS:
+            momentum = f"mu {group['mu']:g}"
+        elif "betas" in group:
+            momentum = "betas " + ", ".join(f"{b:g}" for b in group["betas"])
+        elif "momentum" in group:
+            momentum = f"momentum {group['momentum']:g}"
+        else:
+            momentum = "-"
+        lr = group.get("initial_lr", group["lr"])
+        rows.append((str(index), role, str(algorithm), str(len(params)), f"{sum(p.numel() for p in params):,}",
+                     f"{lr:.6g}", momentum, f"{group.get('weight_decay', 0.0):g}"))
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    lines = ["param groups (lr: the peak, before the schedule's multiplier):"]
+    lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+              for row in (header, *rows)]
+    total = scheduler.warmup_steps + scheduler.stable_steps + scheduler.decay_steps
+    shape = getattr(scheduler.decay_shape, "value", scheduler.decay_shape)
+    warmup = f"warmup {scheduler.warmup_steps} (linear, from lr/warmup) + " if scheduler.warmup_steps else ""
+    lines.append(f"schedule: {total} steps = {warmup}stable {scheduler.stable_steps} + decay {scheduler.decay_steps} "
+                 f"({shape}, to {scheduler.min_lr_ratio:g} x lr)")
+    return "\n".join(lines)
