@@ -345,7 +345,10 @@ def coerce(where: str, value: Any, tp) -> Any:
         args = typing.get_args(tp)
         if isinstance(value, str):
             value = [yaml.safe_load(v) for v in value.strip("[]()").split(",")]
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            if isinstance(value, (list, tuple)):
+                return tuple(coerce(where, v, args[0]) for v in value)
+        elif isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(coerce(where, v, a) for v, a in zip(value, args))
     elif tp is bool:
         if isinstance(value, bool):

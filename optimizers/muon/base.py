@@ -83,7 +83,8 @@ class ConstructorOptions:
     """Constructor-only keys of every member (not per group). orthogonalizer None: the class's default."""
     orthogonalizer: Any = None
     ns_steps: int = 5
-    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS
+    # one (a, b, c) for every iteration, or one per iteration (REFERENCE_NS_COEFFICIENTS)
+    ns_coefficients: tuple[float, float, float] | tuple[tuple[float, float, float], ...] = NS_COEFFICIENTS
     ns_dtype: str | None = None
 
 

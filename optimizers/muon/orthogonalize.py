@@ -2,7 +2,8 @@
 (batch, m, n), to (an approximation of) its polar factor U V^T.
 
 - "newton_schulz": Keller Jordan's tuned quintic, the same coefficients every iteration (`ns_steps`,
-  `ns_coefficients`). Singular values end in roughly [0.7, 1.2], by design.
+  `ns_coefficients`). Singular values end in roughly [0.7, 1.2], by design. `ns_coefficients` may instead be one
+  (a, b, c) per iteration: `REFERENCE_NS_COEFFICIENTS` is microsoft/dion's schedule (configs/reference).
 - "polar_express": Amsel, Persson, Musco & Gower 2025, "The Polar Express" (arXiv 2505.16932): a different minimax
   quintic per iteration, so the singular values reach 1 faster: after 5 steps every singular value above ~1e-2 of
   the largest lies in [0.86, 1.14] (Newton-Schulz: [0.68, 1.20]), at half Newton-Schulz's distance to U V^T.
@@ -25,6 +26,15 @@ from optimizers.common.choices import parse_choice
 
 # Quintic coefficients from Keller Jordan's Muon: they maximise the slope at zero so 5 steps suffice.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# microsoft/dion's Newton-Schulz (dion/muon.py and dion/newton_schulz_triton.py at 0a059a4, with and without Triton):
+# a different quintic in each of its 5 iterations. Its Muon, Dion2, NorMuon and NorDion2 all use it.
+REFERENCE_NS_COEFFICIENTS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
 # Polar Express, 5 iterations, computed by the paper's algorithm with safety factor 2e-2 and cushion 2 (the
 # safety factor is folded into all but the last polynomial). More iterations repeat the last polynomial.
 POLAR_EXPRESS_COEFFICIENTS = (
@@ -60,14 +70,26 @@ def _quintic_iterations(x: Tensor, coefficients: list[tuple[float, float, float]
     return x.mT if transposed else x
 
 
+def coefficient_schedule(coefficients, steps: int, owner: str = "newton_schulz") -> tuple[tuple[float, ...], ...]:
+    """One (a, b, c) per iteration: a single triple repeated `steps` times, or `steps` triples as given."""
+    coefficients = tuple(coefficients)
+    if len(coefficients) == 3 and all(isinstance(c, (int, float)) for c in coefficients):
+        return (tuple(float(c) for c in coefficients),) * steps
+    if all(isinstance(t, (list, tuple)) and len(t) == 3 for t in coefficients) and len(coefficients) == steps:
+        return tuple(tuple(float(c) for c in t) for t in coefficients)
+    raise ValueError(f"{owner}: ns_coefficients must be three numbers (a, b, c) or ns_steps = {steps} such triples "
+                     f"(one per iteration), got {coefficients}")
+
+
 @torch.no_grad()
-def newton_schulz(matrices: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  dtype: torch.dtype = torch.float32, epsilon: float = EPSILON) -> Tensor:
-    """Muon's Newton-Schulz quintic: `steps` times the same (a, b, c), input scaled by 1 / max(||G||_F, eps).
-    matrices: (batch, m, n) of any float dtype; returns (batch, m, n) in `dtype`."""
+def newton_schulz(matrices: Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, dtype: torch.dtype = torch.float32,
+                  epsilon: float = EPSILON) -> Tensor:
+    """Muon's Newton-Schulz quintic: `steps` iterations of (a, b, c) (the same triple each time, or one triple per
+    iteration), input scaled by 1 / max(||G||_F, eps). matrices: (batch, m, n) of any float dtype; returns
+    (batch, m, n) in `dtype`."""
     x = matrices.to(dtype)
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=epsilon)
-    return _quintic_iterations(x, [tuple(coefficients)] * steps)
+    return _quintic_iterations(x, list(coefficient_schedule(coefficients, steps)))
 
 
 @torch.no_grad()
@@ -87,11 +109,11 @@ class Orthogonalizer:
     """The orthogonalizer an optimizer was configured with, applied to a (batch, m, n) stack.
 
     function: a built-in name or a callable f(X, epsilon); steps and coefficients: the built-ins' iteration count
-    and (Newton-Schulz only) its coefficients; dtype: the built-ins' working dtype (None: bfloat16 on CUDA,
+    and (Newton-Schulz only) its coefficients, one triple per iteration; dtype: the built-ins' working dtype (None: bfloat16 on CUDA,
     float32 elsewhere)."""
     function: Union[OrthogonalizerName, OrthogonalizerFunction]
     steps: int = 5
-    coefficients: tuple[float, float, float] = NS_COEFFICIENTS
+    coefficients: tuple[tuple[float, float, float], ...] = (NS_COEFFICIENTS,) * 5
     dtype: torch.dtype | None = None
     epsilon: float = EPSILON
 
@@ -101,14 +123,13 @@ class Orthogonalizer:
         """Validates the constructor options of `owner` (errors name the key and the allowed values)."""
         if ns_steps < 1:
             raise ValueError(f"{owner}: ns_steps must be >= 1, got {ns_steps}")
-        if len(ns_coefficients) != 3:
-            raise ValueError(f"{owner}: ns_coefficients must be three numbers (a, b, c), got {ns_coefficients}")
+        schedule = coefficient_schedule(ns_coefficients, ns_steps, owner)
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"{owner}: ns_dtype={ns_dtype!r} is invalid; allowed: "
                              f"{', '.join(map(str, NS_DTYPES))}")
         function = orthogonalizer if callable(orthogonalizer) else parse_choice(
             OrthogonalizerName, owner, "orthogonalizer", orthogonalizer)
-        return cls(function, ns_steps, tuple(ns_coefficients), NS_DTYPES[ns_dtype])
+        return cls(function, ns_steps, schedule, NS_DTYPES[ns_dtype])
 
     def working_dtype(self, t: Tensor) -> torch.dtype:
         """The dtype matrices travel and are orthogonalized in: the input's own dtype for a callable."""

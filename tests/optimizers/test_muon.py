@@ -86,6 +86,52 @@ def test_newton_schulz_batched_equals_one_matrix_at_a_time():
     assert torch.allclose(batched, single, atol=1e-6)
 
 
+def reference_newton_schulz(g: torch.Tensor, coefficients, epsilon: float = 1e-7) -> torch.Tensor:
+    """microsoft/dion's zeropower_via_newtonschulz5 (dion/muon.py at 0a059a4), in g's dtype: scale by
+    1 / (||G||_F + eps) on the wide orientation, then one quintic per (a, b, c)."""
+    x = g.mT if g.size(-2) > g.size(-1) else g
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + epsilon)
+    for a, b, c in coefficients:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if g.size(-2) > g.size(-1) else x
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_per_iteration_coefficients_are_the_references_newton_schulz(shape):
+    # In float64 the reference's iteration and ours agree to 1e-8 (its input scale is 1 / (||G|| + 1e-7), ours
+    # 1 / max(||G||, 1e-7): a relative 1e-7 / ||G||, observed 1.5e-9); the schedule in another order, or the constant
+    # triple, is off by > 1e-2: the polynomials differ.
+    from optimizers.muon.orthogonalize import REFERENCE_NS_COEFFICIENTS
+    torch.manual_seed(0)
+    g = torch.randn(2, *shape, dtype=torch.float64)
+    expected = reference_newton_schulz(g, REFERENCE_NS_COEFFICIENTS)
+    ours = newton_schulz(g, 5, REFERENCE_NS_COEFFICIENTS, dtype=torch.float64)
+    assert (ours - expected).abs().max() < 1e-8
+    assert (newton_schulz(g, 5, REFERENCE_NS_COEFFICIENTS[::-1], dtype=torch.float64) - expected).abs().max() > 1e-2
+    assert (newton_schulz(g, 5, dtype=torch.float64) - expected).abs().max() > 1e-2
+
+
+def test_muon_step_with_the_reference_coefficients():
+    # One step (nesterov off, so U = (1 - mu) G and NS(U) = NS(G)): W1 = W0 (1 - lr wd) - lr sqrt(m/n) NS_ref(G).
+    from optimizers.muon.orthogonalize import REFERENCE_NS_COEFFICIENTS
+    torch.manual_seed(0)
+    w0, g = torch.randn(48, 16), torch.randn(48, 16)
+    w = w0.clone().requires_grad_()
+    w.grad = g.clone()
+    Muon([w], lr=0.1, mu=0.9, weight_decay=0.2, nesterov=False, ns_dtype="float32",
+         ns_coefficients=[list(t) for t in REFERENCE_NS_COEFFICIENTS]).step()
+    expected = w0 * (1 - 0.1 * 0.2) - 0.1 * 3 ** 0.5 * reference_newton_schulz(g.double(), REFERENCE_NS_COEFFICIENTS)
+    assert torch.allclose(w.detach(), expected.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("coefficients, steps", [((3.4, -4.7), 5), (((3.4, -4.7, 2.0),) * 2, 5),
+                                                 (((3.4, -4.7, 2.0), (3.4, -4.7)), 2)])
+def test_bad_ns_coefficients_name_the_key(coefficients, steps):
+    with pytest.raises(ValueError, match=r"Muon: ns_coefficients must be three numbers \(a, b, c\) or ns_steps"):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], ns_coefficients=coefficients, ns_steps=steps)
+
+
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
 def test_newton_schulz_singular_values_near_one(shape):
     # The tuned quintic leaves singular values in roughly [0.7, 1.2] after 5 steps (not exactly 1, by design).
