@@ -55,13 +55,13 @@ def test_run_prints_every_parameter_once_with_its_lr_and_momentum(tmp_path, caps
     assert schedule == "schedule: 10 steps = warmup 2 (linear, from lr/warmup) + stable 4 + decay 4 (linear, to 0 x lr)"
 
 
-def test_reference_muon_config_shows_adamw_scalars_at_the_reference_betas():
+def test_reference_muon_config_shows_adamw_scalars_at_the_betas_the_reference_runs():
     config, model, optimizer, scheduler = built(["--config", "configs/reference/muon_160m.yaml", *SMALL])
     rows, schedule = table(describe_param_groups(optimizer, model.param_groups(), scheduler, config.optimizer.name))
     assert [(r["role"], r["algorithm"], r["momentum"], r["lr"], r["weight_decay"]) for r in rows] == [
         ("matrix", "muon", "mu 0.95", "0.02", "0.01"),
-        ("embedding", "adamw", "betas 0.95, 0.98", "0.02", "0"),
-        ("lm_head", "adamw", "betas 0.95, 0.98", "0.02", "0")]
+        ("embedding", "adamw", "betas 0.9, 0.95", "0.02", "0"),
+        ("lm_head", "adamw", "betas 0.9, 0.95", "0.02", "0")]
     assert schedule == "schedule: 3000 steps = stable 2400 + decay 600 (linear, to 0 x lr)"
 
 

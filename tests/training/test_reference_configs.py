@@ -45,6 +45,7 @@ MAPPING = {
     "adjust_lr": (option("adjust_lr"), SAME), "nesterov": (option("nesterov"), SAME),
     "muon_beta2": (option("muon_beta2"), SAME), "orthogonalizer": (option("orthogonalizer"), SAME),
     "ns_dtype": (option("ns_dtype"), SAME),
+    "ns_coefficients": (option("ns_coefficients"), lambda value, file: tuple(tuple(t) for t in value)),
     "scalar_betas": (lambda c: list(c.optimizer.options["betas"]), SAME),
     "mixed_precision": (lambda c: (c.precision.optimizer_states, c.precision.optimizer_variances),
                         lambda value, file: ("bfloat16", "bfloat16") if value else ("float32", "float32")),
@@ -83,7 +84,8 @@ def test_reference_config_equals_the_references_values(name):
 @pytest.mark.parametrize("name", SOURCE["configs"])
 def test_param_groups_are_the_references(name):
     """init_optimizer's groups: the blocks' matrices at lr and the optimizer's weight decay; embedding and LM head on
-    the scalar optimizer at lr (x lm_head_lr_scale), betas (0.95, 0.98), no weight decay; nothing else."""
+    the scalar optimizer at lr (x lm_head_lr_scale), the betas the reference runs (0.9, 0.95), no weight decay; nothing
+    else."""
     file, values = reference_values(name)
     config = load(name, "--model_dim", "64", "--n_head", "2", "--n_layer", "2", "--model.vocab_size", "256",
                   "--sequence_length", "32")
