@@ -107,7 +107,7 @@ def run(config: TrainConfig, env: Distributed, progress: Progress | None = None,
     train_files, val_files = data_files(config, env)
     check_data(train_files, val_files if config.logging.val_loss_every > 0 else None, batch_size=device_batch_size,
                sequence_length=config.model.sequence_length, world_size=env.data_world_size,
-               num_steps=config.schedule.num_iterations, vocab_size=config.model.vocab_size,
+               num_batches=config.schedule.num_iterations * accumulation, vocab_size=config.model.vocab_size,
                val_tokens=config.data.val_tokens, order=config.data.order)
 
     meta = builds_on_meta(config, env)  # sharded layouts: no rank ever holds the whole model

@@ -179,12 +179,12 @@ def validation_batches(files: list[Path], batch_size: int, sequence_length: int,
 
 
 def shards_read_by(files: list[Path], batch_size: int, sequence_length: int, world_size: int,
-                   num_steps: int, order: str = "sequential") -> list[Path]:
-    """The training shards a run of `num_steps` batches reads (from the start, so a resumed run's too): the loader
+                   num_batches: int, order: str = "sequential") -> list[Path]:
+    """The training shards a run of `num_batches` batches per rank (optimizer steps x micro-batches per step) reads (from the start, so a resumed run's too): the loader
     moves to the next shard when the current one has no full global batch left, and cycles. In reference order the
     last rank, which leaves each shard first, reaches furthest."""
     loader = DistributedTokenLoader(files, batch_size, sequence_length, world_size - 1, world_size, order=order)
-    needed, out = num_steps, []
+    needed, out = num_batches, []
     for f, length in zip(files, loader.lengths):
         if needed <= 0:
             break
@@ -205,12 +205,13 @@ def check_token_ids(path: Path, vocab_size: int) -> None:
 
 
 def check_data(train_files: list[Path], val_files: list[Path] | None, *, batch_size: int, sequence_length: int,
-               world_size: int, num_steps: int, vocab_size: int, val_tokens: int, order: str = "sequential") -> None:
+               world_size: int, num_batches: int, vocab_size: int, val_tokens: int, order: str = "sequential") -> None:
     """Everything about the shards that would otherwise fail mid-run, checked before training: each shard holds
     one global batch, val_tokens covers one validation batch (when `val_files` is given: validation is on), and
-    every shard the run reads has only token ids below vocab_size. Raises ShardError naming file or key."""
+    every shard the run reads (num_batches micro-batches per rank) has only token ids below vocab_size. Raises
+    ShardError naming file or key."""
     DistributedTokenLoader(train_files, batch_size, sequence_length, 0, world_size, order=order)
-    scanned = shards_read_by(train_files, batch_size, sequence_length, world_size, num_steps, order)
+    scanned = shards_read_by(train_files, batch_size, sequence_length, world_size, num_batches, order)
     if val_files is not None:
         _validation_plan(val_files, batch_size, sequence_length, val_tokens, 0, world_size)
         scanned += val_files

@@ -154,9 +154,27 @@ def test_val_tokens_beyond_the_validation_split_is_refused_instead_of_wrapping(t
     from data.loader import check_data
     train = make_shards(tmp_path, [4096], "train")
     val = make_shards(tmp_path, [1000], "val", seed=1)  # 999 targets: 3 batches of 2 x 128 tokens
-    check_data(train, val, batch_size=2, sequence_length=128, world_size=1, num_steps=1, vocab_size=50304,
+    check_data(train, val, batch_size=2, sequence_length=128, world_size=1, num_batches=1, vocab_size=50304,
                val_tokens=768)
     with pytest.raises(ShardError, match=r"data.val_tokens: 1024 is more than the validation split holds in whole "
                                          r"batches \(768 tokens\)"):
-        check_data(train, val, batch_size=2, sequence_length=128, world_size=1, num_steps=1, vocab_size=50304,
+        check_data(train, val, batch_size=2, sequence_length=128, world_size=1, num_batches=1, vocab_size=50304,
                    val_tokens=1024)
+
+
+@pytest.mark.parametrize("order", ["sequential", "reference"])
+def test_run_with_accumulation_checks_every_shard_its_micro_batches_reach(tmp_path, order, capsys):
+    # 10 steps x 2 micro-batches of 4 x 32 tokens read 2,560 tokens: past the first shard (1,500) into the second,
+    # whose token id 60000 >= vocab_size must stop the run before it starts (counting steps, not micro-batches,
+    # scanned the first shard only and crashed at step 6 inside the embedding).
+    from tests.training.helpers import run_train
+    data = tmp_path / "data"
+    data.mkdir()
+    make_shards(data, [1500], "train")
+    write_shard(data / "fineweb_train_000001.bin", np.full(3000, 60000))
+    make_shards(data, [2000], "val", seed=1)
+    code = run_train(tmp_path / "run", "--data.dir", str(data), "--batch_size", "8", "--num_iterations", "10",
+                     "--data.order", order)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fineweb_train_000001.bin: token id 60000 at position 0 is >= vocab_size" in err
