@@ -15,18 +15,16 @@ import argparse
 import sys
 import time
 
-from trainer.estimate import (SCALING_TABLE, TABLE_HEADER, TABLE_OPTIONS, describe, estimate_config, simulate,
-                              table_row)
+from trainer.estimate import SCALING_TABLE, TABLE_HEADER, describe, estimate_config, simulate, table_config, table_row
 from trainer.errors import UserError
 
 
 def table() -> str:
     lines = [TABLE_HEADER]
-    for preset, world, (dp, fs, tp), optimizers, extra in SCALING_TABLE:
+    for preset, world, layout, optimizers, extra in SCALING_TABLE:
         for optimizer in optimizers:
-            config = estimate_config(["--model.preset", preset, "--optimizer", optimizer, *TABLE_OPTIONS, *extra],
-                                     world, dp, fs, tp)
-            lines.append(table_row(preset, (dp, fs, tp), extra, simulate(config, world)))
+            config = table_config(preset, world, layout, optimizer, extra)
+            lines.append(table_row(preset, layout, extra, simulate(config, world)))
             print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 

@@ -214,10 +214,20 @@ def _snapshot(tracker, kind: str) -> dict[str, int]:
 
 
 def simulate(config: TrainConfig, world_size: int, rank: int = 0, memory: bool = True) -> RankEstimate:
-    """One step of rank `rank` of `world_size` under the fake backend and fake tensors (module docstring).
+    """One step of rank `rank` of `world_size` under the fake backend and fake tensors (module docstring), in a
+    fresh Python process: DTensor caches its sharding decisions by mesh shape, so a second simulation in the same
+    process would reuse the first one's meshes (and their process groups, gone with its process group).
     memory: also run torch's memory tracker (the peak, and two more forwards for the activations with
     checkpointing off and on); several times slower. Without it `peak` is 0 and `activations` empty; the sizes of
     parameters, gradients, states and the traffic are measured either way."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(simulate_here, config, world_size, rank, memory).result()
+
+
+def simulate_here(config: TrainConfig, world_size: int, rank: int = 0, memory: bool = True) -> RankEstimate:
+    """`simulate` in this process: once per process (see `simulate`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     config = dataclasses.replace(config, compile=False)
@@ -314,8 +324,19 @@ SCALING_TABLE: list[tuple[str, int, tuple[int, int, int], tuple[str, ...], tuple
     ("70b", 512, (8, 32, 2), ("dion", "muon", "adamw"), ("--precision.param_dtype", "bfloat16")),
     ("70b", 1024, (8, 64, 2), ("dion", "adamw"), ("--precision.param_dtype", "bfloat16")),
 ]
-# Options every row of the table shares: Dion's compression at a rank fraction of 1/4 (docs/scaling.md).
-TABLE_OPTIONS = ("--optimizer.rank_fraction", "0.25")
+# Dion's compression in every row of the table: a rank fraction of 1/4 (docs/scaling.md).
+TABLE_RANK_FRACTION = 0.25
+
+
+def table_config(preset: str, world: int, layout: tuple[int, int, int], optimizer: str,
+                 extra: tuple[str, ...]) -> TrainConfig:
+    """The config of one row of SCALING_TABLE: the preset, the optimizer (with TABLE_RANK_FRACTION where it has a
+    rank fraction), the layout and the row's extra options."""
+    from optimizers.registry import option_fields
+    argv = ["--model.preset", preset, "--optimizer", optimizer, *extra]
+    if "rank_fraction" in option_fields(optimizer):
+        argv += ["--optimizer.rank_fraction", str(TABLE_RANK_FRACTION)]
+    return estimate_config(argv, world, *layout)
 
 
 def table_row(preset: str, layout: tuple[int, int, int], extra: tuple[str, ...], estimate: RankEstimate) -> str:
