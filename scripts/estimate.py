@@ -4,7 +4,7 @@ and fake tensors.
 
     python scripts/estimate.py --world 64 --dp 8 --fs 8 -- --model.preset 7b --optimizer dion
     python scripts/estimate.py --config configs/dion_160m.yaml --world 256 --dp 8 --fs 16 --tp 2 --ranks 0 255
-    python scripts/estimate.py --table > docs/scaling_table.md     # the measured table of docs/scaling.md
+    python scripts/estimate.py --table --write docs/scaling.md     # regenerate the measured table of docs/scaling.md
 
 Options after `--` are train.py's (`--section.key value`); sizes in GiB per rank. Needs the packages importable:
 run it from a checkout after `pip install -e .` (or with PYTHONPATH=.).
@@ -14,9 +14,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from trainer.estimate import SCALING_TABLE, TABLE_HEADER, describe, estimate_config, simulate, table_config, table_row
 from trainer.errors import UserError
+
+
+BEGIN, END = "<!-- scripts/estimate.py --table: begin -->", "<!-- scripts/estimate.py --table: end -->"
+
+
+def write_table(path: Path, text: str) -> None:
+    """Replace what lies between the BEGIN and END markers of `path` with `text`."""
+    document = path.read_text()
+    if BEGIN not in document or END not in document:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to put the table between")
+    head, rest = document.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
 
 
 def table() -> str:
@@ -39,11 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[0], help="which ranks to simulate (default 0)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory tracker (peak, activations): "
                                                                   "several times faster")
-    parser.add_argument("--table", action="store_true", help="print docs/scaling.md's table (minutes)")
+    parser.add_argument("--table", action="store_true", help="print docs/scaling.md's table (about an hour)")
+    parser.add_argument("--write", type=Path, help="with --table: put it between the markers of this file instead")
     parser.add_argument("train_args", nargs="*", help="train.py options after `--`")
     args = parser.parse_args(argv)
     if args.table:
-        print(table())
+        text = table()
+        if args.write is not None:
+            write_table(args.write, text)
+        else:
+            print(text)
         return 0
     if args.world is None:
         parser.error("--world is required (or --table)")

@@ -46,6 +46,7 @@ from trainer.build import (build_model, build_training_optimizer, check_layout, 
                            optimizer_syncs_replicas)
 from trainer.collectives import CollectiveLedger, mesh_group_names
 from trainer.config import TrainConfig
+from trainer.errors import LayoutError
 from trainer.distributed import Distributed, apply_activation_checkpointing, init_distributed, parallelize, unwrap
 
 GPU = "cuda"  # the device type whose autocast dtype the simulated step computes in
@@ -222,6 +223,14 @@ def simulate(config: TrainConfig, world_size: int, rank: int = 0, memory: bool =
     parameters, gradients, states and the traffic are measured either way."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from trainer.distributed import mesh_sizes
+    dp, fs, tp = mesh_sizes(config, world_size)
+    layout = Distributed(rank, world_size, 0, torch.device("cpu"), dp, fs, tp)
+    if dp > 1 and fs == tp == 1 and not optimizer_syncs_replicas(config, layout):
+        raise LayoutError("estimate: DDP layouts (dp only, the wrapper averaging full gradients) are not simulated: "
+                          "DDP's C++ reducer needs real storage. Each rank holds the whole model and optimizer "
+                          "(scripts/optimizer_memory.py) and all-reduces 4 bytes per parameter per step "
+                          "(scripts/bench_comm.py); simulate fs_size > 1 instead")
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(simulate_here, config, world_size, rank, memory).result()
 
@@ -235,15 +244,14 @@ def simulate_here(config: TrainConfig, world_size: int, rank: int = 0, memory: b
         env = init_distributed(config)
         check_layout(config, env)
         micro_batch, accumulation = micro_batch_size(config, env)
-        model = build_model(config, meta=True)
-        shapes = {key: [tuple(p.shape) for p in params] for key, params in model.param_groups().items()}
         syncs_replicas = optimizer_syncs_replicas(config, env)
-        model = parallelize(model, config, env, syncs_replicas)
         autocast_dtype = config.precision.autocast_dtype(GPU)
         autocast = (lambda: torch.autocast("cpu", dtype=autocast_dtype)) if autocast_dtype is not None \
             else contextlib.nullcontext
+        model = parallelize(build_model(config, meta=True), config, env, syncs_replicas)  # as train.py, sharded
         with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()):
-            model.to_empty(device="cpu")
+            model.to_empty(device="cpu")  # fake storage
+            shapes = {key: [tuple(p.shape) for p in params] for key, params in unwrap(model).param_groups().items()}
             optimizer = build_training_optimizer(unwrap(model), config, env)
             tokens = torch.zeros((micro_batch, config.model.sequence_length), dtype=torch.long)
             activations = {}

@@ -5,9 +5,9 @@ orthogonal factor).
 - DTensor parameters (FSDP2 `Shard(0)`, HSDP `(Replicate, Shard(0))`, TP `Shard(0 or 1)`, FSDP2 + TP): the local
   shards of same-shape matrices are stacked into a (count, m, n) DTensor and redistributed to `Shard(0)` on every
   mesh dimension, so each rank of the whole mesh (replicas included) holds whole matrices of its share; results go
-  back by the inverse redistribution. Owners go round-robin over the ranks from one shape to the next, largest
-  matrices first, so the first matrix of every shape does not land on rank 0. On NCCL this is an all-to-all; gloo has none, so DTensor falls back to
-  all-gather + chunk there.
+  back by the inverse redistribution. On NCCL this is an all-to-all; gloo has none, so DTensor falls back to
+  all-gather + chunk there. Owners go round-robin over the ranks from one shape to the next, largest matrices
+  first, so the first matrix of every shape does not land on rank 0.
 - plain tensors replicated over a process group (DDP): matrices are split round-robin across ranks, each rank
   orthogonalizes its own, and one all-gather per shape hands everyone all results.
 - selected rows (Dion2 `selection_scope: local`): each rank of the shard group sends only its chosen slices to the

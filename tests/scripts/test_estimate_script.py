@@ -49,6 +49,12 @@ def test_a_layout_that_does_not_multiply_to_the_world_is_one_clean_error():
     assert "dp_size x fs_size x tp_size = 8 x 4 x 1 = 32 must equal the number of processes (64)" in err
 
 
+def test_a_ddp_layout_is_refused_with_the_reason():
+    status, _, err = run_main(["--world", "8", "--no-memory", "--", *SMALL_1B, "--optimizer", "adamw"])
+    assert status == 2
+    assert "DDP layouts" in err and "needs real storage" in err
+
+
 def test_checkpointing_shrinks_the_activations_and_the_peak_holds_a_forward():
     config = estimate_config([*BLOCKS_1B, "--optimizer", "adamw"], 8, 1, 8, 1)
     rank = simulate(config, 8)
