@@ -19,7 +19,9 @@ checkpointing, FSDP2 / DDP), `build_training_optimizer`, then one micro-batch's 
 What the simulation cannot see, and how it is handled:
 - values: a data-dependent branch (`bool(t)`, `t.item()`: Dion's "Cholesky succeeded" flag, a step counter) reads
   True, 1 or 1.0 (`_DataDependentDefaults`): the happy path; Dion2's data-dependent selections get unbacked sizes
-  from a ShapeEnv.
+  from a ShapeEnv. DTensor computes some shard offsets with tensors (`compute_local_shape_and_global_offset`);
+  those read 1 too, so where a rank's slice starts inside a matrix may be wrong here, not its size or what it
+  sends (the Muon family's owner slot comes from the mesh coordinate for that reason).
 - the device: tensors are fake CPU tensors; the compute dtype is the one the run would autocast to on a GPU
   (`precision.autocast: auto` is bfloat16 there). torch.compile is off (`compile: true` would only lower the
   activations); memory is counted by tensor storage, without the CUDA caching allocator's fragmentation or NCCL
