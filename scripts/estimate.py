@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.estimate import SCALING_TABLE, TABLE_HEADER, describe, estimate_config, simulate, table_config, table_row
+from trainer.estimate import TABLE_HEADER, describe, estimate_config, simulate, table_config, table_row, table_rows
 from trainer.errors import UserError
 
 
@@ -32,10 +32,12 @@ def write_table(path: Path, text: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
 
 
-def table() -> str:
+def table(rows: list[int] | None) -> str:
+    """The header and the rows of trainer.estimate.table_rows() (those numbered `rows`, default all); each row is
+    also printed to stderr as it is measured."""
     lines = [TABLE_HEADER]
-    for preset, world, layout, optimizers, extra in SCALING_TABLE:
-        for optimizer in optimizers:
+    for number, (preset, world, layout, optimizer, extra) in enumerate(table_rows()):
+        if rows is None or number in rows:
             config = table_config(preset, world, layout, optimizer, extra)
             lines.append(table_row(preset, layout, extra, simulate(config, world)))
             print(lines[-1], file=sys.stderr, flush=True)
@@ -53,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory tracker (peak, activations): "
                                                                   "several times faster")
     parser.add_argument("--table", action="store_true", help="print docs/scaling.md's table (about an hour)")
+    parser.add_argument("--rows", type=int, nargs="+", help="with --table: only these rows (0-based)")
     parser.add_argument("--write", type=Path, help="with --table: put it between the markers of this file instead")
     parser.add_argument("train_args", nargs="*", help="train.py options after `--`")
     args = parser.parse_args(argv)
     if args.table:
-        text = table()
+        text = table(args.rows)
         if args.write is not None:
             write_table(args.write, text)
         else:

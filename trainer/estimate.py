@@ -10,8 +10,10 @@ checkpointing, FSDP2 / DDP), `build_training_optimizer`, then one micro-batch's 
   AdamW's `exp_avg` / `exp_avg_sq`, ...): the bytes of this rank's local tensors (DTensor `to_local()`), exact;
 - activations: what one micro-batch's forward leaves for its backward (torch's MemTracker, category Activation),
   with activation checkpointing off (`none`) and on every block (`full`);
-- peak: MemTracker's (FSDPMemTracker's under FSDP2) peak over that forward, backward and step, with the
-  configured checkpointing; the first step, so the optimizer states are created inside it;
+- peak: MemTracker's (FSDPMemTracker's under FSDP2) peak over that forward and backward, with the configured
+  checkpointing, and over the first step (which creates the optimizer states). Where the tracker cannot size the
+  step's tensors (Dion2's data-dependent row selections) the step runs untracked and the peak is a lower bound
+  (`peak_covers_step` false: the step's transients are missing);
 - traffic: bytes per rank of every collective of the step by phase, group and kind (trainer.collectives), beside
   the formulas for the replica sync: 4 sum (m + n) r / shards for Dion's compressed matrices, 4 m n / shards for
   full gradients.
@@ -83,6 +85,7 @@ class RankEstimate:
     parameters_total: int
     state_totals: dict[str, int]
     whole: list[str] = field(default_factory=list)
+    peak_covers_step: bool = True  # False: the tracker could not follow the step; `peak` is then a lower bound
 
     @property
     def optimizer_states(self) -> int:
@@ -240,7 +243,7 @@ def simulate(config: TrainConfig, world_size: int, rank: int = 0, memory: bool =
 def simulate_here(config: TrainConfig, world_size: int, rank: int = 0, memory: bool = True) -> RankEstimate:
     """`simulate` in this process: once per process (see `simulate`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, ShapeEnv
     config = dataclasses.replace(config, compile=False)
     with fake_process_group(world_size, rank):
         env = init_distributed(config)
@@ -271,18 +274,34 @@ def simulate_here(config: TrainConfig, world_size: int, rank: int = 0, memory: b
                 hooks.prepare_backward(last_micro_batch=True)
                 ledger.phase = "backward"
                 loss.backward()
-                ledger.phase = "step"
-                parameters = sum(local_bytes(p) for p in model.parameters())
-                gradients = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
-                optimizer.step()
-            peak = _snapshot(tracker, "peak").get("Total", 0) if memory else 0
+            parameters = sum(local_bytes(p) for p in model.parameters())
+            gradients = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+            peaks = [_snapshot(tracker, "peak").get("Total", 0)] if memory else [0]
+            ledger.phase = "step"
+            step_tracker = _tracker(model, optimizer) if memory else contextlib.nullcontext()
+            peak_covers_step = memory
+            try:
+                with step_tracker, ledger, _DataDependentDefaults():
+                    optimizer.step()
+                if memory:
+                    peaks.append(_snapshot(step_tracker, "peak").get("Total", 0))
+            except GuardOnDataDependentSymNode:  # the tracker cannot size a tensor whose size is data-dependent
+                for key in [key for key in ledger.bytes if key.startswith("step/")]:  # (Dion2's chosen rows)
+                    del ledger.bytes[key], ledger.calls[key]
+                with ledger, _DataDependentDefaults():
+                    optimizer.step()
+                peak_covers_step = False
             whole = whole_tensors(model, optimizer) if env.fs * env.tp > 1 else []
             states, state_totals = state_bytes(optimizer), state_bytes(optimizer, local=False)
+            if memory and not peak_covers_step:  # a lower bound: what the step leaves, without its transients
+                peaks.append(parameters + gradients + sum(states.values()))
+            peak = max(peaks)
             parameters_total = sum(p.numel() * p.element_size() for p in model.parameters())
     return RankEstimate(rank=rank, world_size=world_size, dp=env.dp, fs=env.fs, tp=env.tp,
                         optimizer=config.optimizer.name, micro_batch=micro_batch, accumulation=accumulation,
                         parameters=parameters, gradients=gradients, states=states, activations=activations,
-                        peak=peak, traffic=dict(ledger.bytes), calls=dict(ledger.calls),
+                        peak=peak, peak_covers_step=peak_covers_step, traffic=dict(ledger.bytes),
+                        calls=dict(ledger.calls),
                         formula=replica_sync_formula(config, env, shapes, syncs_replicas),
                         parameters_total=parameters_total, state_totals=state_totals, whole=whole)
 
@@ -314,7 +333,8 @@ def describe(estimate: RankEstimate) -> str:
         lines.append(f"  activations ({mode:<4}) {value / GIB:7.3f} GiB per micro-batch (activation checkpointing "
                      f"{mode})")
     if e.peak:
-        lines.append(f"  peak              {e.peak / GIB:9.3f} GiB (one micro-batch, configured checkpointing)")
+        bound = "" if e.peak_covers_step else ", at least: the step was not tracked"
+        lines.append(f"  peak              {e.peak / GIB:9.3f} GiB (one micro-batch, configured checkpointing{bound})")
     lines.append("  collectives per step (bytes per rank):")
     lines += [f"    {key:<34} {e.calls[key]:5d} calls {value / GIB:9.3f} GiB" for key, value in e.traffic.items()]
     for name, value in e.formula.items():
@@ -329,11 +349,19 @@ def describe(estimate: RankEstimate) -> str:
 SCALING_TABLE: list[tuple[str, int, tuple[int, int, int], tuple[str, ...], tuple[str, ...]]] = [
     ("1b", 8, (1, 8, 1), ("dion", "muon", "adamw"), ()),
     ("7b", 64, (8, 8, 1), ("dion", "dion_async", "muon", "dion2", "adamw"), ()),
-    ("7b", 64, (8, 8, 1), ("dion", "adamw"), ("--precision.param_dtype", "bfloat16")),
-    ("7b", 256, (8, 16, 2), ("dion", "dion_async", "muon", "dion2", "adamw"), ()),
-    ("70b", 512, (8, 32, 2), ("dion", "muon", "adamw"), ("--precision.param_dtype", "bfloat16")),
-    ("70b", 1024, (8, 64, 2), ("dion", "adamw"), ("--precision.param_dtype", "bfloat16")),
+    ("7b", 64, (8, 8, 1), ("dion",), ("--precision.param_dtype", "bfloat16")),
+    ("7b", 256, (8, 16, 2), ("dion", "muon", "adamw"), ()),
+    ("70b", 512, (8, 32, 2), ("dion", "adamw"), ("--precision.param_dtype", "bfloat16")),
+    ("70b", 1024, (8, 64, 2), ("dion",), ("--precision.param_dtype", "bfloat16")),
 ]
+
+
+def table_rows() -> list[tuple[str, int, tuple[int, int, int], str, tuple[str, ...]]]:
+    """SCALING_TABLE one row per optimizer: (preset, world, layout, optimizer, extra options)."""
+    return [(preset, world, layout, optimizer, extra) for preset, world, layout, optimizers, extra in SCALING_TABLE
+            for optimizer in optimizers]
+
+
 # Dion's compression in every row of the table: a rank fraction of 1/4 (docs/scaling.md).
 TABLE_RANK_FRACTION = 0.25
 
@@ -359,7 +387,8 @@ def table_row(preset: str, layout: tuple[int, int, int], extra: tuple[str, ...],
     precision = "bf16 params" if "bfloat16" in extra else "fp32 params"
     return (f"| {preset} | {e.world_size} | {' x '.join(map(str, layout))} | {e.optimizer} | {precision} | "
             f"{gib(e.parameters)} | {gib(e.gradients)} | {states} | {gib(e.activations.get('none', 0))} / "
-            f"{gib(e.activations.get('full', 0))} | {gib(e.peak)} | {gib(e.replica_traffic())} | {formula} | "
+            f"{gib(e.activations.get('full', 0))} | {'' if e.peak_covers_step else '>= '}{gib(e.peak)} | "
+            f"{gib(e.replica_traffic())} | {formula} | "
             f"{gib(shards)} | {gib(tp_traffic)} |")
 
 
