@@ -46,71 +46,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optimizers.common.hooks import training_hooks  # noqa: E402
 from optimizers.dion.linalg import low_rank_dim  # noqa: E402
 from trainer.build import build_model, build_training_optimizer, check_layout, optimizer_syncs_replicas  # noqa: E402
+from trainer.collectives import CollectiveLedger, mesh_group_names  # noqa: E402
 from trainer.config import build_config  # noqa: E402
 from trainer.distributed import init_distributed, parallelize, unwrap  # noqa: E402
 
 FLOAT_BYTES = 4
 MB = 2 ** 20
 PHASES = ("forward", "backward", "step")
-# The argument holding each collective's payload (eager c10d ops write into their first argument).
-PAYLOAD_ARGUMENT = {"c10d.allreduce_": 0, "c10d._allgather_base_": 1, "c10d._reduce_scatter_base_": 1,
-                    "c10d.allgather_": 1, "c10d.reduce_scatter_": 1, "c10d.allgather_into_tensor_coalesced_": 1,
-                    "c10d.reduce_scatter_tensor_coalesced_": 1, "c10d.alltoall_base_": 1, "c10d.broadcast_": 0,
-                    "_c10d_functional.all_reduce": 0, "_c10d_functional.all_gather_into_tensor": 0,
-                    "_c10d_functional.reduce_scatter_tensor": 0, "_c10d_functional.all_to_all_single": 0}
-KIND = {"allreduce": "all_reduce", "all_reduce": "all_reduce", "allgather": "all_gather",
-        "all_gather": "all_gather", "reduce_scatter": "reduce_scatter", "alltoall": "all_to_all",
-        "all_to_all": "all_to_all", "broadcast": "broadcast"}
-
-
-def _kind(op: str) -> str:
-    name = op.split(".")[-1].lstrip("_")
-    return next(kind for prefix, kind in KIND.items() if name.startswith(prefix))
-
-
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    return sum(_nbytes(v) for v in value)
-
-
-def _group_ranks(args) -> tuple[int, ...] | None:
-    """The ranks of the process group among a c10d op's arguments (a boxed ProcessGroup, or a functional
-    collective's group name)."""
-    for arg in args:
-        if isinstance(arg, torch.ScriptObject):
-            return tuple(dist.get_process_group_ranks(dist.ProcessGroup.unbox(arg)))
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    return tuple(dist.get_process_group_ranks(_resolve_process_group(args[-1])))
-
-
-class CollectiveLedger(TorchDispatchMode):
-    """Calls and payload bytes of every c10d collective dispatched while active, by (phase, group, kind)."""
-
-    def __init__(self, group_names: dict[tuple[int, ...], str]):
-        super().__init__()
-        self.group_names = group_names
-        self.phase = "forward"
-        self.calls: dict[str, int] = defaultdict(int)
-        self.bytes: dict[str, int] = defaultdict(int)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        op = str(func.overloadpacket)
-        if op in PAYLOAD_ARGUMENT:
-            group = self.group_names.get(_group_ranks(args), "world")
-            key = f"{self.phase}/{group}/{_kind(op)}"
-            self.calls[key] += 1
-            self.bytes[key] += _nbytes(args[PAYLOAD_ARGUMENT[op]])
-        return func(*args, **(kwargs or {}))
-
-
 # name -> (optimizer, rank_fraction or None, {ranks: (dp, fs)}, Dion syncs the replicas itself)
 CASES = {
     "adamw ddp": ("adamw", None, {2: (2, 1), 4: (4, 1)}, False),
@@ -203,11 +151,7 @@ def measure(name: str, ranks: int, model_args: list[str]) -> dict:
     config = case_config(name, ranks, model_args)
     env = init_distributed(config)
     check_layout(config, env)
-    group_names = {}
-    for axis, label in (("dp", "replicas"), ("fs", "shards"), ("tp", "tp")):
-        mesh = env.submesh(axis)
-        if mesh is not None:
-            group_names.setdefault(tuple(dist.get_process_group_ranks(mesh.get_group())), label)
+    group_names = mesh_group_names(env)
     model = build_model(config, env.device)
     groups = {key: [tuple(p.shape) for p in params] for key, params in model.param_groups().items()}
     model = parallelize(model, config, env, optimizer_syncs_replicas(config, env))

@@ -77,6 +77,11 @@ class GPTConfig:
 PRESETS: dict[str, GPTConfig] = {
     "160m": GPTConfig(vocab_size=50304, n_layer=12, n_head=6, model_dim=768, sequence_length=1024),
     "tiny": GPTConfig(vocab_size=50304, n_layer=4, n_head=6, model_dim=384, sequence_length=256),
+    # Planning shapes for scripts/estimate.py (docs/scaling.md): GPT-3 XL's width, and the 7B / 70B widths and
+    # depths of LLaMA, with this GPT's blocks (4x ReLU^2 MLP, no grouped-query attention), head_dim 128.
+    "1b": GPTConfig(vocab_size=50304, n_layer=24, n_head=16, model_dim=2048, sequence_length=2048),
+    "7b": GPTConfig(vocab_size=50304, n_layer=32, n_head=32, model_dim=4096, sequence_length=4096),
+    "70b": GPTConfig(vocab_size=50304, n_layer=80, n_head=64, model_dim=8192, sequence_length=4096),
 }
 
 

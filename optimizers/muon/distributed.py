@@ -6,7 +6,8 @@ orthogonal factor).
   shards of same-shape matrices are stacked into a (count, m, n) DTensor and redistributed to `Shard(0)` on every
   mesh dimension, so each rank of the whole mesh (replicas included) holds whole matrices of its share; results go
   back by the inverse redistribution. On NCCL this is an all-to-all; gloo has none, so DTensor falls back to
-  all-gather + chunk there.
+  all-gather + chunk there. Owners go round-robin over the ranks from one shape to the next, largest matrices
+  first, so the first matrix of every shape does not land on rank 0.
 - plain tensors replicated over a process group (DDP): matrices are split round-robin across ranks, each rank
   orthogonalizes its own, and one all-gather per shape hands everyone all results.
 - selected rows (Dion2 `selection_scope: local`): each rank of the shard group sends only its chosen slices to the
@@ -16,7 +17,7 @@ Reductions the update rules need across shards (slice norms, row statistics) go 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -88,6 +89,19 @@ class MatrixLayout:
         return whole.sum(dim).full_tensor()
 
 
+def orthogonalization_cost(shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one Newton-Schulz iteration on an (m, n) matrix, up to a constant: m n min(m, n)."""
+    m, n = shape[-2], shape[-1]
+    return m * n * min(m, n)
+
+
+def round_robin_owners(count: int, world: int, offset: int = 0) -> list[int]:
+    """Owner rank of each of `count` matrices: (offset + j) mod world. Continuing `offset` from one bucket to the
+    next spreads the buckets' first matrices over different ranks; with the buckets visited largest first, every
+    rank's load is within one matrix of each size of the mean (tests/optimizers/test_muon.py)."""
+    return [(offset + j) % world for j in range(count)]
+
+
 def _stacked_placements(placements: tuple) -> list:
     return [Shard(p.dim + 1) if isinstance(p, Shard) else p for p in placements]
 
@@ -101,7 +115,9 @@ class WholeMatrices:
 
     def __call__(self, layouts: list[MatrixLayout], inputs: list[Tensor], compute: Compute) -> list[Tensor]:
         """inputs: the local 2D parts of DTensor matrices, or any 2D tensor for plain ones (Dion2 passes just the
-        chosen slices), in the transport dtype. Returns this rank's 2D parts of the results, in input order."""
+        chosen slices), in the transport dtype. Returns this rank's 2D parts of the results, in input order.
+        Owners: round-robin over the ranks, continuing from one bucket of same-shape matrices to the next, largest
+        matrices first (`round_robin_owners`), so no rank gets the first matrix of every shape."""
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, (layout, t) in enumerate(zip(layouts, inputs)):
             if layout.is_dtensor:
@@ -112,45 +128,62 @@ class WholeMatrices:
                 kind = ("local",)
             buckets[(*kind, layout.shape if layout.is_dtensor else tuple(t.shape), t.dtype, t.device)].append(i)
         results: list[Tensor | None] = [None] * len(inputs)
+        order = sorted(buckets, key=lambda key: -orthogonalization_cost(key[-3]))  # key[-3]: the shape
         offset = 0
-        for key, indices in buckets.items():
+        for key in order:
+            indices = buckets[key]
             if key[0] == "dtensor":
-                out = self._sharded(layouts[indices[0]], indices, inputs, compute)
+                owners = round_robin_owners(len(indices), layouts[indices[0]].mesh.size(), offset)
+                out = self._sharded(layouts[indices[0]], indices, inputs, compute, owners)
             elif key[0] == "replicated":
-                out = self._replicated(indices, inputs, compute, offset)
-                offset += len(indices)
+                owners = round_robin_owners(len(indices), dist.get_world_size(self.replicate_group), offset)
+                out = self._replicated(indices, inputs, compute, owners)
             else:
+                owners = []
                 out = list(compute(indices, torch.stack([inputs[i] for i in indices])).unbind(0))
+            offset += len(owners)
             for i, r in zip(indices, out):
                 results[i] = r
         return results
 
     @staticmethod
-    def _sharded(layout: MatrixLayout, indices: list[int], inputs: list[Tensor], compute: Compute) -> list[Tensor]:
+    def _sharded(layout: MatrixLayout, indices: list[int], inputs: list[Tensor], compute: Compute,
+                 owners: list[int]) -> list[Tensor]:
+        """The stack of the bucket's matrices in slots of `per_rank` per rank (rank k of the whole mesh, row-major,
+        holds slots k per_rank ... (k + 1) per_rank - 1 after the redistribution to Shard(0) everywhere): matrix j
+        goes to a slot of rank owners[j], the other slots are zero padding and never computed."""
         mesh, m, n = layout.mesh, *layout.shape
         count = len(indices)
-        per_rank = -(-count // mesh.size())
+        per_rank = max(Counter(owners).values())
         padded = per_rank * mesh.size()
-        parts = [inputs[i] for i in indices]
-        parts += [torch.zeros_like(parts[0])] * (padded - count)
+        slots, filled = [], defaultdict(int)
+        for owner in owners:
+            slots.append(owner * per_rank + filled[owner])
+            filled[owner] += 1
+        parts = [torch.zeros_like(inputs[indices[0]])] * padded
+        for slot, i in zip(slots, indices):
+            parts[slot] = inputs[i]
         shape, stride = torch.Size((padded, m, n)), (m * n, n, 1)
         spread, owned = _stacked_placements(layout.placements), [Shard(0)] * mesh.ndim
         whole = DTensor.from_local(torch.stack(parts), mesh, spread, shape=shape, stride=stride)
         whole = whole.redistribute(mesh, owned).to_local()
-        _, (first, _, _) = compute_local_shape_and_global_offset(shape, mesh, owned)
-        mine = max(0, min(per_rank, count - first))  # padding slots are never computed
+        position = 0  # this rank's index in the mesh, row-major: the order of Shard(0) on every mesh dimension
+        for coordinate, size in zip(mesh.get_coordinate(), mesh.shape):
+            position = position * size + coordinate
+        mine = [i for i, owner in zip(indices, owners) if owner == position]  # in slot order
         results = torch.zeros_like(whole)
         if mine:
-            results[:mine] = compute(indices[first:first + mine], whole[:mine])
+            results[:len(mine)] = compute(mine, whole[:len(mine)])
         back = DTensor.from_local(results, mesh, owned, shape=shape, stride=stride)
-        return list(back.redistribute(mesh, spread).to_local()[:count].unbind(0))
+        back = back.redistribute(mesh, spread).to_local()
+        return [back[slot] for slot in slots]
 
-    def _replicated(self, indices: list[int], inputs: list[Tensor], compute: Compute, offset: int) -> list[Tensor]:
-        """Round-robin owners (continuing across shapes from `offset`); each rank computes its own, then one
-        all-gather (padded to equal counts) hands every rank every result."""
+    def _replicated(self, indices: list[int], inputs: list[Tensor], compute: Compute,
+                    owners: list[int]) -> list[Tensor]:
+        """Each rank computes the matrices it owns, then one all-gather (padded to equal counts) hands every rank
+        every result."""
         group = self.replicate_group
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        owners = [(offset + j) % world for j in range(len(indices))]
         mine = [i for i, o in zip(indices, owners) if o == rank]
         per_rank = -(-len(indices) // world)
         template = inputs[indices[0]]

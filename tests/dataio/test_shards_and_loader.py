@@ -83,6 +83,24 @@ def test_ranks_read_disjoint_slices_that_tile_the_global_batch(tmp_path):
     assert single.epoch >= 1
 
 
+@pytest.mark.parametrize("order", ["sequential", "reference"])
+def test_one_shard_feeds_1024_ranks_each_its_own_slice(tmp_path, order):
+    """Fewer shards than ranks is fine: the ranks share each shard, rank r reading the r-th slice of every global
+    batch (a shard only needs one global batch of tokens, checked when the loader starts). The reference order
+    moves a high rank to the next shard up to one batch early (the module docstring), so it is read once here."""
+    batch, seq, world = 1, 4, 1024
+    step = world * batch * seq
+    (path,) = make_shards(tmp_path, [2 * step + 1])
+    tokens = torch.from_numpy(read_shard(path).astype(np.int64))
+    for rank in (0, 1, 511, 1023):
+        loader = DistributedTokenLoader([path], batch, seq, rank=rank, world_size=world, order=order)
+        for read in range(2 if order == "sequential" else 1):
+            start = read * step + rank * seq
+            inputs, targets = loader.next_batch()
+            assert inputs.flatten().tolist() == tokens[start:start + seq].tolist()
+            assert targets.flatten().tolist() == tokens[start + 1:start + seq + 1].tolist()
+
+
 def test_loader_resume_continues_exactly(tmp_path):
     files = make_shards(tmp_path, [500, 400, 300])
     straight = DistributedTokenLoader(files, 3, 10, rank=1, world_size=2)

@@ -219,3 +219,15 @@ def test_chunked_cross_entropy_equals_the_full_loss_and_gradients():
     for (name, p), q in zip(full.named_parameters(), chunked.parameters()):
         assert p.grad.abs().max() > 0, name
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name, width, depth", [("1b", 2048, 24), ("7b", 4096, 32), ("70b", 8192, 80)])
+def test_planning_presets_have_their_width_depth_and_parameter_count(name, width, depth):
+    """12 d^2 per block (q, k, v, o, and the 4x MLP), the untied embedding and LM head, and the norm gains; built on
+    the meta device (scripts/estimate.py's shapes)."""
+    config = PRESETS[name]
+    assert (config.model_dim, config.n_layer, config.head_dim) == (width, depth, 128)
+    with torch.device("meta"):
+        model = GPT(config)
+    gains = depth * (2 * width + 2 * config.head_dim) + width
+    assert model.num_parameters(exclude_embedding=False) == 12 * depth * width ** 2 + 2 * 50304 * width + gains

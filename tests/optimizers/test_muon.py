@@ -241,3 +241,56 @@ def test_fsdp2_and_ddp_runs_match_single_process(tmp_path):
     assert result["fsdp"] < 1e-5
     assert result["replicated"] < 1e-5
     assert result["momentum_is_sharded"]
+
+
+# The 7B preset's block matrices (models/gpt PRESETS["7b"]): q, k, v, o, MLP in, MLP out of 32 blocks.
+SEVEN_B_MATRICES = [(4096, 4096)] * 4 * 32 + [(16384, 4096)] * 32 + [(4096, 16384)] * 32
+
+
+def _orthogonalization_loads(world: int, ranks: list[int], mesh_shape: tuple[int, ...] | None) -> dict[int, int]:
+    """Newton-Schulz cost (m n min(m, n)) of the matrices `WholeMatrices` hands each of `ranks` at world size
+    `world`: DTensor shards on a (dp, fs) mesh when mesh_shape is given (HSDP, `(Replicate, Shard(0))`), else
+    plain tensors split over the replicas (DDP). Fake process group and fake tensors: nothing is computed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    import torch.distributed as dist
+    from optimizers.muon.distributed import MatrixLayout, WholeMatrices, orthogonalization_cost
+    from trainer.estimate import fake_process_group
+    loads = {}
+    for rank in ranks:
+        with fake_process_group(world, rank):
+            mesh = init_device_mesh("cpu", mesh_shape) if mesh_shape is not None else None
+            computed = []
+
+            def compute(indices, stack):
+                computed.extend(indices)
+                return torch.zeros_like(stack)
+
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                if mesh is None:
+                    layouts = [MatrixLayout(shape) for shape in SEVEN_B_MATRICES]
+                    inputs = [torch.zeros(shape) for shape in SEVEN_B_MATRICES]
+                    WholeMatrices(dist.group.WORLD)(layouts, inputs, compute)
+                else:
+                    layouts = [MatrixLayout(shape, mesh, (Replicate(), Shard(0))) for shape in SEVEN_B_MATRICES]
+                    inputs = [torch.zeros(m // mesh_shape[1], n) for m, n in SEVEN_B_MATRICES]
+                    WholeMatrices(None)(layouts, inputs, compute)
+            loads[rank] = sum(orthogonalization_cost(SEVEN_B_MATRICES[i]) for i in computed)
+    return loads
+
+
+@pytest.mark.parametrize("world, ranks, mesh_shape", [(8, list(range(8)), None), (64, [0, 31, 32, 63], None),
+                                                      (64, [0, 31, 32, 63], (8, 8)),
+                                                      (256, [0, 63, 64, 255], (8, 32))])
+def test_orthogonalization_owners_balance_the_load_at_scale(world, ranks, mesh_shape):
+    """Every rank orthogonalizes at most max(the largest matrix, the mean load): owners go round-robin across the
+    shape buckets, largest first. Assigning each bucket from rank 0 gave rank 0 the first MLP matrix of both MLP
+    shapes (7B at 64 ranks: 10 units of a square matrix against a mean of 6; at 256: 9 against a bound of 4)."""
+    from optimizers.muon.distributed import orthogonalization_cost
+    costs = [orthogonalization_cost(shape) for shape in SEVEN_B_MATRICES]
+    bound = max(max(costs), sum(costs) / world)
+    loads = _orthogonalization_loads(world, ranks, mesh_shape)
+    assert max(loads.values()) <= bound, {rank: load / costs[0] for rank, load in loads.items()}
+    if len(ranks) == world:
+        assert sum(loads.values()) == sum(costs)  # every matrix exactly once
