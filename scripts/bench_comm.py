@@ -48,13 +48,11 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from optimizers.common.hooks import training_hooks  # noqa: E402
-from optimizers.dion.linalg import low_rank_dim  # noqa: E402
-from trainer.build import build_model, build_training_optimizer, check_layout, optimizer_syncs_replicas  # noqa: E402
-from trainer.config import build_config  # noqa: E402
-from trainer.distributed import init_distributed, parallelize, unwrap  # noqa: E402
+from optimizers.common.hooks import training_hooks
+from optimizers.dion.linalg import low_rank_dim
+from trainer.build import build_model, build_training_optimizer, check_layout, optimizer_syncs_replicas
+from trainer.config import build_config
+from trainer.distributed import init_distributed, parallelize, unwrap
 
 FLOAT_BYTES = 4
 MB = 2 ** 20
