@@ -1,7 +1,7 @@
 """Run directory outputs: `config.yaml` (the resolved config), `metrics.jsonl` (one JSON record per logged step:
 step, train_loss, val_loss when computed, lr, tokens, time, grad_norm, tokens_per_second, tflops, mfu), and wandb
-when enabled.
-Only rank 0 writes."""
+when enabled. Only rank 0 writes. Also what goes into a record or beside it: the training speed and MFU
+(`Throughput`, against `peak_tflops`), the divergence warning, and the start-of-run param-group table."""
 from __future__ import annotations
 
 import json
