@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.build import describe_model
-from trainer.checkpoint import load_run
+from trainer.build import describe_model, load_run
 from trainer.errors import ConfigError, UserError
 
 SUFFIXES = {"torch": ".pt", "safetensors": ".safetensors"}

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from data.tokenizer import EOT_TOKEN, gpt2_encoding
-from trainer.build import describe_model
-from trainer.checkpoint import load_run
+from trainer.build import describe_model, load_run
 from trainer.errors import ConfigError, UserError
 
 

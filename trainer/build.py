@@ -1,8 +1,10 @@
 """Building the pieces of a run from the config: model, its parallel layout, optimizer, data files, batch split and
-autocast. Used by the Trainer (trainer/loop.py) and the scripts."""
+autocast; and the trained model of a finished run (`load_run`). Used by the Trainer (trainer/loop.py) and the
+scripts."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -13,7 +15,8 @@ from data.corpus import ensure_embedded_corpus
 from models import model_package
 from optimizers.common.hooks import training_hooks
 from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer, get_spec
-from trainer.config import TrainConfig
+from trainer.checkpoint import find_checkpoint, load_model_weights
+from trainer.config import TrainConfig, build_config
 from trainer.distributed import Distributed, parallelize, unwrap
 from trainer.errors import ConfigError, LayoutError
 
@@ -157,3 +160,18 @@ def autocast_context(config: TrainConfig, device: torch.device) -> Callable[[], 
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[TrainConfig, nn.Module, Path]:
+    """(config, model in eval mode on the CPU with the checkpoint's weights, checkpoint path). `checkpoint` is a
+    step_NNNNNNNN directory or a directory of them; default: the run's checkpoint.dir, else RUN/checkpoints."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"--run_dir: {run_dir} has no config.yaml (is it a train.py run directory?)")
+    config = build_config(["--config", str(config_path)])
+    if checkpoint is None:
+        checkpoint = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
+    path = find_checkpoint(checkpoint)
+    model = build_model(config, "cpu")
+    load_model_weights(path, model)
+    return config, model.eval(), path

@@ -33,10 +33,9 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from trainer.build import build_model
-from trainer.config import TrainConfig, build_config
+from trainer.config import TrainConfig
 from trainer.distributed import Distributed, broadcast_from_main
-from trainer.errors import CheckpointError, ConfigError, TrainingError
+from trainer.errors import CheckpointError, TrainingError
 from trainer.runtime import interrupts_deferred
 
 MANIFEST = "manifest.json"
@@ -429,17 +428,3 @@ def _load(state: dict[str, Any], path: Path, into: str) -> None:
         raise CheckpointError(f"checkpoint {path}: cannot load into {into} "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
 
-
-def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[TrainConfig, nn.Module, Path]:
-    """(config, model in eval mode on the CPU with the checkpoint's weights, checkpoint path). `checkpoint` is a
-    step_NNNNNNNN directory or a directory of them; default: the run's checkpoint.dir, else RUN/checkpoints."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"--run_dir: {run_dir} has no config.yaml (is it a train.py run directory?)")
-    config = build_config(["--config", str(config_path)])
-    if checkpoint is None:
-        checkpoint = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
-    path = find_checkpoint(checkpoint)
-    model = build_model(config, "cpu")
-    load_model_weights(path, model)
-    return config, model.eval(), path
