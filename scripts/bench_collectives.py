@@ -31,10 +31,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import GPT, PRESETS  # noqa: E402
-from optimizers.muon import Dion2, Muon, NorDion2, NorMuon  # noqa: E402
+from models import GPT, PRESETS
+from optimizers.muon import Dion2, Muon, NorDion2, NorMuon
 
 FLOAT_BYTES = 4
 FRACTION = 0.25

@@ -5,12 +5,12 @@ optimizers, beside the formula; and the share of Dion's own replica sync issued 
     python scripts/bench_comm.py --ranks 4 --json rows.json --detail
     torchrun --standalone --nproc_per_node=4 scripts/bench_comm.py --worker rows.json   # what the launcher runs
 
-Each case builds the model, parallelizes it and builds the optimizer as train.py does (trainer.build,
-trainer.distributed.parallelize), then runs two steps of one micro-batch on random tokens, announcing the backward
-to the optimizer as the loop does (`prepare_backward`); the first step creates the optimizer state, the second is
-counted: every c10d collective seen by a TorchDispatchMode (eager torch.distributed calls, DDP's reducer, FSDP2,
-DTensor's functional collectives), with the phase that issued it (forward, backward, step) and its process group,
-named after the trainer's mesh: replicas (dp), shards (fs), or world.
+Each case builds the model, parallelizes it and builds the optimizer as train.py does (trainer.build: build_model,
+distribute_model, build_training_optimizer), then runs two steps of one micro-batch on random tokens, announcing the
+backward to the optimizer as the loop does (`prepare_backward`); the first step creates the optimizer state, the second
+is counted: every c10d collective seen by a TorchDispatchMode (eager torch.distributed calls, DDP's reducer, FSDP2,
+DTensor's functional collectives), with the phase that issued it (forward, backward, step) and its process group, named
+after the trainer's mesh: replicas (dp), shards (fs), or world.
 
 Bytes are each collective's payload per rank, averaged over the ranks: the tensor an all-reduce reduces, the input
 of a reduce-scatter (the whole tensor being summed) and of an all-gather (this rank's piece); float32 throughout.
@@ -47,14 +47,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from optimizers.common.hooks import training_hooks  # noqa: E402
-from optimizers.dion.linalg import low_rank_dim  # noqa: E402
-from trainer.build import build_model, build_training_optimizer, check_layout, optimizer_syncs_replicas  # noqa: E402
-from trainer.collectives import CollectiveLedger, mesh_group_names  # noqa: E402
-from trainer.config import build_config  # noqa: E402
-from trainer.distributed import init_distributed, parallelize, unwrap  # noqa: E402
+from optimizers.common.hooks import training_hooks
+from optimizers.dion.linalg import low_rank_dim
+from trainer.build import build_model, build_training_optimizer, builds_on_meta, check_layout, distribute_model
+from trainer.collectives import CollectiveLedger, mesh_group_names
+from trainer.config import build_config
+from trainer.distributed import init_distributed, unwrap
 
 FLOAT_BYTES = 4
 MB = 2 ** 20
@@ -152,9 +150,9 @@ def measure(name: str, ranks: int, model_args: list[str]) -> dict:
     env = init_distributed(config)
     check_layout(config, env)
     group_names = mesh_group_names(env)
-    model = build_model(config, env.device)
+    model = build_model(config, env.device, meta=builds_on_meta(config, env))
     groups = {key: [tuple(p.shape) for p in params] for key, params in model.param_groups().items()}
-    model = parallelize(model, config, env, optimizer_syncs_replicas(config, env))
+    model = distribute_model(model, config, env)
     optimizer = build_training_optimizer(unwrap(model), config, env)
     hooks = training_hooks(optimizer)
     generator = torch.Generator().manual_seed(1 + env.rank)

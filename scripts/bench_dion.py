@@ -14,13 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from optimizers.dion.batched import Dion
 from optimizers.dion.core import DionMixedPrecisionConfig
@@ -28,17 +24,13 @@ from optimizers.dion.linalg import low_rank_dim
 from optimizers.dion.overlapped import DionAsync
 from optimizers.dion.reference import DionReference
 from optimizers.muon import Muon
+from trainer.runtime import synchronize
 
 
 def block_shapes(model_dim: int, layers: int) -> list[tuple[int, int]]:
     """The matrices of `layers` transformer blocks: q, k, v, o (d x d), MLP up and down (4d x d, d x 4d)."""
     d = model_dim
     return [(d, d)] * 4 * layers + [(4 * d, d)] * layers + [(d, 4 * d)] * layers
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_flops_per_second(size: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:

@@ -57,21 +57,17 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_dion import synchronize  # noqa: E402
-from optimizer_memory import state_bytes  # noqa: E402
-from results_file import ResultsFile, ResultsFileError  # noqa: E402
-
-import train  # noqa: E402
-from data import DistributedTokenLoader  # noqa: E402
-from models import GPT, PRESETS  # noqa: E402
-from optimizers.dion.linalg import low_rank_dim, sketch_rows  # noqa: E402
-from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer  # noqa: E402
-from trainer.build import build_model, build_training_optimizer, data_files, micro_batch_size  # noqa: E402
-from trainer.config import build_config  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
+from data import DistributedTokenLoader
+from models import GPT, PRESETS
+from optimizers.common.tensors import state_bytes
+from optimizers.dion.linalg import low_rank_dim, sketch_rows
+from optimizers.registry import OPTIMIZERS, OptimizerContext, ScalarPolicy, build_optimizer
+from trainer.build import build_model, build_training_optimizer, data_files, micro_batch_size
+from trainer.config import build_config
+from trainer.distributed import init_distributed
+from trainer.loop import Trainer
+from trainer.results_file import ResultsFile, ResultsFileError
+from trainer.runtime import synchronize
 
 RANK_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 REFERENCE = "torch.optim.AdamW(foreach)"  # element-wise step times are also given relative to this case
@@ -334,12 +330,13 @@ def loop_config(steps: int, optimizer: str, run_dir: str):
 
 
 def train_py_tokens_per_second(steps: int, optimizer: str) -> float:
-    """train.run in this process; its metrics' `time` is the summed step time (excluding the final checkpoint)."""
+    """train.py's Trainer in this process; its metrics' `time` is the summed step time (excluding the final
+    checkpoint)."""
     with tempfile.TemporaryDirectory() as run_dir:
         config = loop_config(steps, optimizer, run_dir)
         env = init_distributed(config)
         with contextlib.redirect_stderr(io.StringIO()):
-            train.run(config, env)
+            Trainer(config, env).train()
         last = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
         return last["tokens"] / last["time"]
 

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from trainer.config import build_config
 
-from trainer.config import build_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_BASE = ROOT / "configs" / "compare" / "small.yaml"
 DEFAULT_RUNS = ROOT / "configs" / "compare" / "small_runs.yaml"

@@ -22,12 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from generate import load_run  # noqa: E402
-from trainer.build import describe_model  # noqa: E402
-from trainer.errors import ConfigError, UserError  # noqa: E402
+from trainer.build import describe_model, load_run
+from trainer.errors import ConfigError, UserError
 
 SUFFIXES = {"torch": ".pt", "safetensors": ".safetensors"}
 

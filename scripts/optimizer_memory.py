@@ -24,34 +24,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from models import GPT, PRESETS  # noqa: E402
-from optimizers import build_optimizer  # noqa: E402
-from optimizers.advanced import (Adam_Adv, Adopt_Adv, Features, Lion_Adv, Prodigy_Adv, Prodigy_Lion_Adv,  # noqa: E402
+from models import GPT, PRESETS
+from optimizers import build_optimizer
+from optimizers.advanced import (Adam_Adv, Adopt_Adv, Features, Lion_Adv, Prodigy_Adv, Prodigy_Lion_Adv,
                                  Simplified_AdEMAMix)
-from optimizers.registry import OPTIMIZERS, OptimizerContext  # noqa: E402
-from results_file import ResultsFile, ResultsFileError  # noqa: E402
+from optimizers.common.tensors import state_bytes
+from optimizers.registry import OPTIMIZERS, OptimizerContext
+from trainer.results_file import ResultsFile, ResultsFileError
 
 ADVANCED = {"adam_adv": Adam_Adv, "adopt_adv": Adopt_Adv, "prodigy_adv": Prodigy_Adv,
             "simplified_ademamix": Simplified_AdEMAMix, "lion_adv": Lion_Adv, "prodigy_lion_adv": Prodigy_Lion_Adv}
-
-
-def tensor_bytes(value) -> int:
-    """Bytes of every tensor in a (possibly nested) state value; a DTensor counts its local shard."""
-    if isinstance(value, torch.Tensor):
-        local = value.to_local() if hasattr(value, "to_local") else value
-        return local.numel() * local.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(tensor_bytes(state) for state in optimizer.state.values())
 
 
 def measure(model: GPT, name: str, options: dict) -> int:

@@ -1,6 +1,11 @@
-"""Building the pieces of a run from the config: model, optimizer, data files and batch split. Used by train.py
-and the scripts."""
+"""Building the pieces of a run from the config: model, its parallel layout, optimizer, data files, batch split and
+autocast; and the trained model of a finished run (`load_run`). Used by the Trainer (trainer/loop.py) and the
+scripts."""
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -8,9 +13,11 @@ from torch import nn
 from data import find_shards
 from data.corpus import ensure_embedded_corpus
 from models import model_package
+from optimizers.common.hooks import training_hooks
 from optimizers.registry import OPTIMIZERS, OptimizerContext, build_optimizer, get_spec
-from trainer.config import TrainConfig
-from trainer.distributed import Distributed, unwrap
+from trainer.checkpoint import find_checkpoint, load_model_weights
+from trainer.config import TrainConfig, build_config
+from trainer.distributed import Distributed, parallelize, unwrap
 from trainer.errors import ConfigError, LayoutError
 
 
@@ -28,6 +35,16 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu", meta: b
             return model_package(config.model_name).Model(config.model)
     torch.manual_seed(config.seed)
     return model_package(config.model_name).Model(config.model).to(device)
+
+
+def distribute_model(model: nn.Module, config: TrainConfig, env: Distributed) -> nn.Module:
+    """`model` (from `build_model(..., meta=builds_on_meta(config, env))`) parallelized for the layout of `env`
+    (TP, activation checkpointing, compile, FSDP2 / DDP), with its storage and initial values when it was built on
+    the meta device."""
+    model = parallelize(model, config, env, optimizer_syncs_replicas(config, env))
+    if builds_on_meta(config, env):
+        initialize_sharded(model, config, env.device)
+    return model
 
 
 @torch.no_grad()
@@ -86,7 +103,8 @@ def check_layout(config: TrainConfig, env: Distributed) -> None:
 
 def build_training_optimizer(model: nn.Module, config: TrainConfig, env: Distributed) -> torch.optim.Optimizer:
     """The configured optimizer over the model's parameter groups, with the meshes of `env`. A value the optimizer
-    refuses becomes a ConfigError naming the optimizer."""
+    refuses becomes a ConfigError naming the optimizer. With `fused_backward` the optimizer steps each parameter
+    inside backward (its hooks are registered here), or, without that capability, is refused."""
     name = config.optimizer.name
     context = OptimizerContext.from_groups(
         model.param_groups(), model_dim=config.model.model_dim, options=dict(config.optimizer.options),
@@ -96,9 +114,16 @@ def build_training_optimizer(model: nn.Module, config: TrainConfig, env: Distrib
         replicate_mesh=env.submesh("dp"), outer_shard_mesh=env.submesh("fs"), inner_shard_mesh=env.submesh("tp"),
         replicate_mesh_grad_sync=optimizer_syncs_replicas(config, env))
     try:
-        return build_optimizer(name, context)
+        optimizer = build_optimizer(name, context)
     except ValueError as error:
         raise ConfigError(f"optimizer {name}: {error}") from None
+    if config.fused_backward:
+        hooks = training_hooks(optimizer)
+        if not hooks.supports_fused_backward:
+            raise ConfigError(f"fused_backward: optimizer {name!r} has no fused backward pass (the advanced family "
+                              f"has: adam_adv, adopt_adv, prodigy_adv, ...)")
+        hooks.register_fused_backward_hooks()
+    return optimizer
 
 
 def data_files(config: TrainConfig, env: Distributed):
@@ -113,7 +138,8 @@ def data_files(config: TrainConfig, env: Distributed):
 
 
 def micro_batch_size(config: TrainConfig, env: Distributed) -> tuple[int, int]:
-    """(sequences per micro-batch per rank, micro-batches per step): data.device_batch_size, or batch_size / ranks."""
+    """(sequences per micro-batch per rank, micro-batches per step): data.device_batch_size, or batch_size / ranks.
+    fused_backward needs one micro-batch per step (each parameter steps inside its backward)."""
     batch_size, ranks = config.data.batch_size, env.data_world_size
     device_batch_size = config.data.device_batch_size or max(batch_size // ranks, 1)
     per_step = device_batch_size * ranks
@@ -121,4 +147,31 @@ def micro_batch_size(config: TrainConfig, env: Distributed) -> tuple[int, int]:
         raise ConfigError(f"data.batch_size: {batch_size} is not divisible by data.device_batch_size x data-parallel "
                           f"ranks = {device_batch_size} x {ranks}; pick a batch_size that is a multiple of "
                           f"{per_step}, or leave device_batch_size null")
-    return device_batch_size, batch_size // per_step
+    accumulation = batch_size // per_step
+    if config.fused_backward and accumulation > 1:
+        raise ConfigError(f"fused_backward: needs one micro-batch per step, but batch_size / (device_batch_size x "
+                          f"ranks) = {accumulation}; raise data.device_batch_size or turn fused_backward off")
+    return device_batch_size, accumulation
+
+
+def autocast_context(config: TrainConfig, device: torch.device) -> Callable[[], ContextManager]:
+    """A factory of the forward's autocast context (precision.autocast on this device type; float32: none)."""
+    dtype = config.precision.autocast_dtype(device.type)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[TrainConfig, nn.Module, Path]:
+    """(config, model in eval mode on the CPU with the checkpoint's weights, checkpoint path). `checkpoint` is a
+    step_NNNNNNNN directory or a directory of them; default: the run's checkpoint.dir, else RUN/checkpoints."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"--run_dir: {run_dir} has no config.yaml (is it a train.py run directory?)")
+    config = build_config(["--config", str(config_path)])
+    if checkpoint is None:
+        checkpoint = Path(config.checkpoint.dir) if config.checkpoint.dir else run_dir / "checkpoints"
+    path = find_checkpoint(checkpoint)
+    model = build_model(config, "cpu")
+    load_model_weights(path, model)
+    return config, model.eval(), path

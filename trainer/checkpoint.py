@@ -33,8 +33,10 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from trainer.config import TrainConfig
 from trainer.distributed import Distributed, broadcast_from_main
 from trainer.errors import CheckpointError, TrainingError
+from trainer.runtime import interrupts_deferred
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -360,6 +362,39 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return trainer_state
 
 
+class Checkpointer:
+    """The run's checkpoints: saved every checkpoint.freq steps and after the last one (freq 0: never) into the
+    config's checkpoint directory, checkpoint.keep of them kept; the newest one's name is remembered (`last`: the
+    one resumed from, then each one saved) for the line printed on Ctrl-C."""
+
+    def __init__(self, config: TrainConfig, env: Distributed):
+        self.directory, self.freq, self.keep = config.checkpoint_dir, config.checkpoint.freq, config.checkpoint.keep
+        self.config, self.env = config.to_dict(), env
+        self.last: str | None = None
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether a checkpoint is saved after step `step` (counted from 1); `last`: the run's final step."""
+        return self.freq > 0 and (step % self.freq == 0 or last)
+
+    def resume_point(self) -> Path | None:
+        """Collective: the checkpoint to resume from, None for a fresh start (choose_resume_checkpoint)."""
+        path = choose_resume_checkpoint(self.directory, self.config, self.env)
+        self.last = path.name if path is not None else None
+        return path
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return load_checkpoint(path, model, optimizer, self.env)
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any]) -> Path:
+        """Collective (save_checkpoint). Ctrl-C during the save takes effect once it is complete."""
+        with interrupts_deferred():
+            saved = save_checkpoint(self.directory, step, model, optimizer, trainer_state, self.env, self.keep,
+                                    self.config)
+            self.last = saved.name
+        return saved
+
+
 def find_checkpoint(path: Path) -> Path:
     """`path` itself when it is a complete checkpoint (a step_NNNNNNNN directory with DCP metadata), else the newest
     complete checkpoint inside it; CheckpointError when there is none."""
@@ -392,3 +427,4 @@ def _load(state: dict[str, Any], path: Path, into: str) -> None:
             error = next(iter(error.failures.values()))[0]  # the first rank's own error says what is wrong
         raise CheckpointError(f"checkpoint {path}: cannot load into {into} "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:300]})") from None
+

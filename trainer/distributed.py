@@ -208,3 +208,43 @@ def all_reduce_mean(value: torch.Tensor, env: Distributed) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= env.world_size
     return value
+
+
+def clip_grad_norm_(parameters, max_norm: float = 0.0, replicate_group=None) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (a float32 scalar tensor on their device; DTensor norms are
+    reduced over their meshes); with `max_norm` > 0 every gradient is then multiplied in place by
+    clamp(max_norm / (norm + 1e-6), max=1), so the norm is at most `max_norm` (0 measures only).
+
+    replicate_group: the data-parallel replicas whose gradients are still un-averaged because the optimizer syncs
+    them itself (Dion's compressed P/R sync): the norm is then the one of their mean, as in synchronized training, at
+    the price of one all-reduce of a copy of the gradients (in one flat buffer per dtype); the gradients themselves
+    stay per-replica for the optimizer. No host sync: the caller decides when to read the norm."""
+    from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in parameters if p.grad is not None]
+    measured = _replica_mean(grads, replicate_group) if replicate_group is not None and grads else grads
+    squares = []
+    for grad in measured:
+        norm = torch.linalg.vector_norm(grad.float())
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    if max_norm > 0:
+        clip = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(clip.to(grad.device))
+    return total
+
+
+def _replica_mean(grads: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Copies of `grads` averaged over `group` (the gradients themselves are left for the optimizer)."""
+    from torch.distributed.tensor import DTensor
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    averaged = list(locals_)
+    for dtype in dict.fromkeys(g.dtype for g in locals_):
+        indices = [i for i, g in enumerate(locals_) if g.dtype == dtype]
+        flat = torch.cat([locals_[i].reshape(-1) for i in indices])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        for i, piece in zip(indices, flat.split([locals_[i].numel() for i in indices])):
+            averaged[i] = piece.view_as(locals_[i])
+    return [DTensor.from_local(local, g.device_mesh, g.placements, run_check=False, shape=g.shape, stride=g.stride())
+            if isinstance(g, DTensor) else local for g, local in zip(grads, averaged)]

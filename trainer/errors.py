@@ -1,9 +1,10 @@
 """The one family of errors a user can cause: config, data, checkpoint, optimizer options, layout refusals.
 
 Every such error carries one line naming the key, file or value and what is allowed. `train.py`'s main catches the
-family once, prints the line on rank 0 only and exits with status 2; anything else is a bug and keeps its traceback.
-Libraries below the trainer (data/, optimizers/) raise their own ValueError subclasses (`ShardError`, the
-optimizers' ValueErrors at construction); the trainer converts those at its boundary.
+family, prints the line on rank 0 only and exits with status 2; anything else is a bug and keeps its traceback.
+The optimizers' ValueErrors at construction are converted at the trainer's boundary (trainer/build.py). The data
+package's own errors, `data.ShardError` and `FileNotFoundError` (no shards, a missing shard file), are not: `main`
+catches them beside this family, in the same clause, with the same one line and status 2.
 """
 from __future__ import annotations
 

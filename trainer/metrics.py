@@ -1,11 +1,13 @@
 """Run directory outputs: `config.yaml` (the resolved config), `metrics.jsonl` (one JSON record per logged step:
 step, train_loss, val_loss when computed, lr, tokens, time, grad_norm, tokens_per_second, tflops, mfu), and wandb
-when enabled.
-Only rank 0 writes."""
+when enabled. Only rank 0 writes. Also what goes into a record or beside it: the training speed and MFU
+(`Throughput`, against `peak_tflops`), the divergence warning, and the start-of-run param-group table."""
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ class RunLogger:
         """wandb_id: the run id, the same on every rank (it is stored in checkpoints so a resumed run continues
         the same wandb run)."""
         self.enabled = enabled
+        self.log_every = config.logging.log_every
         self.run_dir = Path(config.logging.run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb_run = None
@@ -44,6 +47,11 @@ class RunLogger:
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.metrics_path)
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether step `step` (counted from 1) is logged, on every rank: every logging.log_every steps and the
+        last one. Logged steps are the loop's host syncs."""
+        return step % self.log_every == 0 or last
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -80,8 +88,6 @@ def peak_tflops(device) -> tuple[float | None, str]:
 def measured_matmul_tflops(device, size: int = 512, seconds: float = 0.1) -> float:
     """The best rate of square float32 matmuls over about `seconds` (a few warm-up calls first): the ceiling a CPU
     run is measured against. On a shared machine it varies with the load, as the run's own speed does."""
-    import time
-
     import torch
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
@@ -93,6 +99,55 @@ def measured_matmul_tflops(device, size: int = 512, seconds: float = 0.1) -> flo
         torch.mm(a, b)
         best = max(best, 2 * size ** 3 / (time.perf_counter() - started) / 1e12)
     return best
+
+
+class Throughput:
+    """Training speed over a window of steps (those since the last logged step; validation and saves fall outside
+    it): tokens/s, TFLOP/s of all ranks together, and MFU against `peak` TFLOP/s per device (None: not logged)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None, world_size: int):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak, self.world_size = peak, world_size
+        self.restart()
+
+    def restart(self) -> None:
+        self.started, self.steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def seconds(self) -> float:
+        """Wall time of the window so far (the caller has synchronized the device)."""
+        return time.perf_counter() - self.started
+
+    def rates(self, seconds: float) -> dict[str, float]:
+        """tokens_per_second, tflops and (with a known peak) mfu of the window's steps, rounded as logged."""
+        rates = dict(tokens_per_second=round(self.steps * self.tokens_per_step / seconds, 1))
+        rates["tflops"] = round(rates["tokens_per_second"] * self.flops_per_token / 1e12, 4)
+        if self.peak is not None:
+            rates["mfu"] = round(rates["tflops"] / (self.peak * self.world_size), 4)
+        return rates
+
+
+DIVERGENCE_MARGIN = 1.0  # nats above the first logged training loss that a run must not reach
+
+
+class DivergenceWarning:
+    """One warning on stderr (when `enabled`: rank 0) the first time a logged training loss is DIVERGENCE_MARGIN
+    nats above the first logged one, naming the configured optimizer.lr to lower."""
+
+    def __init__(self, config: TrainConfig, enabled: bool):
+        self.config, self.enabled = config, enabled
+        self.first_loss: float | None = None
+        self.warned = False
+
+    def check(self, loss: float, step: int) -> None:
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        if loss > self.first_loss + DIVERGENCE_MARGIN and not self.warned and self.enabled:
+            self.warned = True
+            print(f"warning: training loss {loss:.3f} at step {step} is far above the first logged "
+                  f"{self.first_loss:.3f}: the run is diverging; lower optimizer.lr (now {self.config.optimizer.lr:g})",
+                  file=sys.stderr)
 
 
 BETAS_ALGORITHMS = ("adamw", "lion")  # scalar algorithms whose momentum is `betas` (a Dion group also carries `mu`)

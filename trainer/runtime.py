@@ -1,5 +1,5 @@
 """Process-level behaviour: heap settings for CPU training, TF32 on CUDA, dying with the launcher, stopping on
-SIGTERM."""
+SIGTERM, waiting for the device."""
 from __future__ import annotations
 
 import contextlib
@@ -71,10 +71,23 @@ def exit_with_launcher() -> bool:
     return True
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (a host sync); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopped(Exception):
+    """SIGTERM was honoured: the run stopped at a step boundary (after saving when there was time); exit 143."""
+
+
 class StopRequest:
     """SIGTERM (what schedulers send before SIGKILL) becomes a request the loop honours at the next step boundary:
     save a checkpoint if one fits in what is left of `grace_seconds`, then stop. `due()` is collective, so every
-    rank stops at the same step."""
+    rank stops at the same step; the loop asks on the steps that sync anyway and every CHECK_EVERY steps between
+    them (`checked_at`)."""
+
+    CHECK_EVERY = 10  # steps between SIGTERM checks (a collective) outside the steps that sync anyway
 
     def __init__(self, grace_seconds: float):
         self.grace_seconds = grace_seconds
@@ -101,6 +114,29 @@ class StopRequest:
 
     def seconds_left(self) -> float:
         return self.grace_seconds - (time.monotonic() - self.received_at)
+
+    @classmethod
+    def checked_at(cls, step: int, syncs: bool) -> bool:
+        """Whether the loop asks `due()` after step `step`: on a step that syncs the host anyway, else every
+        CHECK_EVERY steps (the question is a collective)."""
+        return syncs or step % cls.CHECK_EVERY == 0
+
+    def leaves_time_for(self, save_seconds: float | None) -> bool:
+        """Whether a save that takes as long as the last one (`save_seconds`; None: none yet) fits in the grace
+        left."""
+        return (save_seconds or 0.0) <= self.seconds_left()
+
+    def stopped(self, step: int, saved: bool, checkpoint_dir, checkpoint_freq: int,
+                save_seconds: float | None) -> Stopped:
+        """The exception that ends a run stopped after step `step`, saying whether and where it saved."""
+        if saved:
+            return Stopped(f"stopped by SIGTERM after step {step}: checkpoint saved in {checkpoint_dir}; rerun the "
+                           f"same command to resume")
+        took = f" (the last save took {save_seconds:.0f} s)" if save_seconds is not None else ""
+        reason = (f"no time within checkpoint.sigterm_grace_seconds={self.grace_seconds}{took}"
+                  if checkpoint_freq > 0 else "checkpoint.freq is 0")
+        return Stopped(f"stopped by SIGTERM after step {step} without saving: {reason}; a rerun resumes from the "
+                       f"previous checkpoint, if any")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Tensor helpers shared by every optimizer that accepts DTensor (FSDP2 / TP) parameters."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
@@ -18,3 +19,20 @@ def local_gradient(param: Tensor) -> Tensor:
     if isinstance(grad, DTensor) and grad.placements != param.placements:
         grad = grad.redistribute(param.device_mesh, param.placements)
     return local_tensor(grad)
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in a (possibly nested) state value; a DTensor counts its local shard."""
+    if isinstance(value, Tensor):
+        local = local_tensor(value)
+        return local.numel() * local.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in `optimizer.state` on this rank (packed and factored states at their real size)."""
+    return sum(tensor_bytes(state) for state in optimizer.state.values())

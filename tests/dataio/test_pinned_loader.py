@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 import train
+import trainer.loop
 from data import DistributedTokenLoader, write_shard
 
 
@@ -56,7 +57,7 @@ def test_train_pins_batches_only_on_cuda(tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
             built.append(self.pin_memory)
 
-    monkeypatch.setattr(train, "DistributedTokenLoader", RecordingLoader)
+    monkeypatch.setattr(trainer.loop, "DistributedTokenLoader", RecordingLoader)
     assert train.main(["--model_dim", "32", "--n_layer", "1", "--n_head", "2", "--sequence_length", "32",
                        "--batch_size", "2", "--num_iterations", "1", "--val_loss_every", "0", "--checkpoint_freq",
                        "0", "--run_dir", str(tmp_path)]) == 0

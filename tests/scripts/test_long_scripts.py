@@ -14,9 +14,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_optimizers  # noqa: E402
 import optimizer_memory  # noqa: E402
-from results_file import ResultsFile, ResultsFileError  # noqa: E402
 
 from models import GPT, PRESETS, GPTConfig  # noqa: E402
+from trainer.results_file import ResultsFile, ResultsFileError  # noqa: E402
 
 MICRO = GPTConfig(vocab_size=64, n_layer=1, n_head=2, model_dim=16, sequence_length=8)
 

@@ -9,13 +9,17 @@ from trainer.distributed import Distributed
 
 def test_train_turns_on_tf32_matmuls_on_cuda_and_leaves_cpu_alone(monkeypatch, tmp_path, full_float32_matmuls):
     """main() on the CPU (the real device check) and with a CUDA device in place of the real one (no GPU here):
-    `run` sees "high" (TF32) only on CUDA."""
+    the Trainer sees "high" (TF32) only on CUDA."""
     seen = {}
 
-    def record_precision(config, env, progress, stop):
-        seen[env.device.type] = torch.get_float32_matmul_precision()
+    class RecordingTrainer:
+        def __init__(self, config, env, stop):
+            seen[env.device.type] = torch.get_float32_matmul_precision()
 
-    monkeypatch.setattr(train, "run", record_precision)
+        def train(self):
+            pass
+
+    monkeypatch.setattr(train, "Trainer", RecordingTrainer)
     assert train.main(["--run_dir", str(tmp_path / "cpu")]) == 0
     assert torch.get_float32_matmul_precision() == "highest"
     cuda = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0), dp=1, fs=1, tp=1)
