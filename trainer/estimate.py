@@ -393,6 +393,6 @@ def table_row(preset: str, layout: tuple[int, int, int], extra: tuple[str, ...],
 
 
 TABLE_HEADER = ("| shape | world | dp x fs x tp | optimizer | FSDP gathers | params | grads | optimizer states | "
-                "activations per micro-batch, AC none / full | peak | replicas traffic | formula: compressed / "
-                "full gradients | shards traffic | tp traffic |\n"
+                "activations per micro-batch, AC none / full | peak | replicas traffic | formula, replica sync | "
+                "shards traffic | tp traffic |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
