@@ -3,7 +3,8 @@ the trainer's own mesh, meta-device model, parallelize, optimizer and one step, 
 and fake tensors.
 
     python scripts/estimate.py --world 64 --dp 8 --fs 8 -- --model.preset 7b --optimizer dion
-    python scripts/estimate.py --config configs/dion_160m.yaml --world 256 --dp 8 --fs 16 --tp 2 --ranks 0 255
+    python scripts/estimate.py --config configs/dion_160m.yaml --world 256 --dp 8 --fs 16 --tp 2 --ranks 0 255 \
+        -- --data.device_batch_size 8
     python scripts/estimate.py --table --write docs/scaling.md     # regenerate the measured table of docs/scaling.md
 
 Options after `--` are train.py's (`--section.key value`); sizes in GiB per rank. Needs the packages importable:

@@ -50,8 +50,9 @@ from trainer.build import (build_model, build_training_optimizer, check_layout, 
                            optimizer_syncs_replicas)
 from trainer.collectives import CollectiveLedger, mesh_group_names
 from trainer.config import TrainConfig
-from trainer.errors import LayoutError
-from trainer.distributed import Distributed, apply_activation_checkpointing, init_distributed, parallelize, unwrap
+from trainer.distributed import (Distributed, apply_activation_checkpointing, init_distributed, mesh_sizes,
+                                 parallelize, unwrap)
+from trainer.errors import ConfigError, LayoutError
 
 GPU = "cuda"  # the device type whose autocast dtype the simulated step computes in
 # Dion's Q is (columns of its orientation, r): split over the shard group of the matrix's columns only, by design
@@ -228,7 +229,6 @@ def simulate(config: TrainConfig, world_size: int, rank: int = 0, memory: bool =
     parameters, gradients, states and the traffic are measured either way."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    from trainer.distributed import mesh_sizes
     dp, fs, tp = mesh_sizes(config, world_size)
     layout = Distributed(rank, world_size, 0, torch.device("cpu"), dp, fs, tp)
     if dp > 1 and fs == tp == 1 and not optimizer_syncs_replicas(config, layout):
@@ -309,16 +309,23 @@ def simulate_here(config: TrainConfig, world_size: int, rank: int = 0, memory: b
 def estimate_config(argv: list[str], world_size: int, dp: int | None = None, fs: int | None = None,
                     tp: int | None = None) -> TrainConfig:
     """The training config of `argv` (train.py's command line: --config FILE and --section.key overrides) with the
-    mesh sizes given here; unless argv sets data.batch_size, one sequence per data-parallel rank per step."""
+    mesh sizes given here and no data directory (the estimate reads no data, so a config naming shards that are not
+    downloaded here still works). A batch size the world cannot split (the file's, not one on the command line)
+    becomes data.device_batch_size (default 1) sequences per data-parallel rank per step."""
     from trainer.config import build_config
     sizes = {"dp_size": dp, "fs_size": fs, "tp_size": tp}
-    argv = [*argv, *(item for key, size in sizes.items() if size is not None
-                     for item in (f"--parallel.{key}", str(size)))]
+    argv = [*argv, "--data.dir", "null", *(item for key, size in sizes.items() if size is not None
+                                           for item in (f"--parallel.{key}", str(size)))]
     config = build_config(argv)
-    if not any(a in ("--data.batch_size", "--batch_size") for a in argv):
-        from trainer.distributed import mesh_sizes
-        dp_size, fs_size, _ = mesh_sizes(config, world_size)
-        config = build_config([*argv, "--data.batch_size", str(dp_size * fs_size)])
+    dp_size, fs_size, tp_size = mesh_sizes(config, world_size)
+    layout = Distributed(0, world_size, 0, torch.device("cpu"), dp_size, fs_size, tp_size)
+    try:
+        micro_batch_size(config, layout)
+    except ConfigError:
+        if any(a in ("--data.batch_size", "--batch_size") for a in argv):
+            raise
+        per_rank = config.data.device_batch_size or 1
+        config = build_config([*argv, "--data.batch_size", str(per_rank * dp_size * fs_size)])
     return config
 
 
@@ -393,6 +400,6 @@ def table_row(preset: str, layout: tuple[int, int, int], extra: tuple[str, ...],
 
 
 TABLE_HEADER = ("| shape | world | dp x fs x tp | optimizer | FSDP gathers | params | grads | optimizer states | "
-                "activations per micro-batch, AC none / full | peak | replicas traffic | formula: compressed / "
-                "full gradients | shards traffic | tp traffic |\n"
+                "activations per micro-batch, AC none / full | peak | replicas traffic | formula, replica sync | "
+                "shards traffic | tp traffic |\n"
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
