@@ -257,16 +257,20 @@ class TrainConfig:
         out["optimizer"] = {"name": self.optimizer.name,
                             "scalar": _plain(dataclasses.asdict(self.optimizer.scalar)),
                             **_plain(self.optimizer.options)}
-        for section in ("schedule", "parallel", "checkpoint", "logging", "precision"):
-            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        for section in SECTIONS:
+            if section != "data":
+                out[section] = _plain(dataclasses.asdict(getattr(self, section)))
         for name in TOP_LEVEL:
             out[name] = getattr(self, name)
         return out
 
 
-SECTIONS = {"data": DataConfig, "schedule": ScheduleConfig, "parallel": ParallelConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "precision": PrecisionConfig}
-TOP_LEVEL = ("seed", "compile", "grad_clip", "fused_backward", "debug")
+# Derived from TrainConfig's fields: the sections built by build_section (every dataclass-valued field but the model,
+# whose class comes from its package, and the optimizer, whose options come from its class) and the plain keys.
+SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
+            if dataclasses.is_dataclass(f.default) and f.name != "optimizer"}
+TOP_LEVEL = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                  if f.name not in ("model_name", "model", "optimizer", *SECTIONS))
 
 # Short command-line spellings that stay valid (the CLI people already type) -> their dotted home.
 ALIASES = {

@@ -79,7 +79,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     (["--no_wandb", "true"], ["no_wandb", "logging.wandb"]),
     (["--schedule", "cosine"], ["schedule", "schedule.name"]),
     (["--optimizer.qr_method", "svd"], ["qr_method", "qr", "rcqr"]),
-    (["--model.preset", "7b"], ["model.preset", "160m"]),
+    (["--model.preset", "13b"], ["model.preset", "160m", "7b"]),
     (["--checkpoint.keep", "0"], ["checkpoint.keep", "positive"]),
     (["--optimizer.rcqr_oversample", "inf"], ["rcqr_oversample=inf", "finite float >= 1"]),
     (["--optimizer.epsilon", "inf"], ["epsilon=inf", "finite float >= 0"]),
