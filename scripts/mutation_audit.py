@@ -50,8 +50,9 @@ MUTATIONS = [
              (MODEL,)),
     Mutation("model-post-norm", "models/gpt/model.py", "x = x + self.attn(self.attn_norm(x))",
              "x = self.attn_norm(x + self.attn(x))", (MODEL,)),
-    Mutation("model-head-not-zero", "models/gpt/model.py", "nn.init.zeros_(self.lm_head.weight)", "pass", (MODEL,)),
-    Mutation("model-no-final-norm", "models/gpt/model.py", "x = self.final_norm(x)\n", "\n", (MODEL,)),
+    Mutation("model-head-not-zero", "models/gpt/model.py", "zeroed = {self.lm_head} | ", "zeroed = ", (MODEL,)),
+    Mutation("model-no-final-norm", "models/gpt/model.py", "self.output(self.final_norm(x), targets)",
+             "self.output(x, targets)", (MODEL,)),
     # bf16-state (mixed dtype) path of the scalar updates
     Mutation("scalar-adamw-mixed-beta1-as-beta2", SU, "m32.lerp_(g32, 1.0 - beta1)", "m32.lerp_(g32, 1.0 - beta2)",
              (SCALAR_MIXED,)),
@@ -88,8 +89,9 @@ MUTATIONS = [
              "config.data.val_tokens, 0, env.data_world_size",
              (PARALLEL + "::test_every_parameter_matches_single_process[ddp-adamw]",)),
     Mutation("validation-loader-ignores-rank", "data/loader.py",
-             "    loader = DistributedTokenLoader(files, batch_size, sequence_length, rank, world_size)",
-             "    loader = DistributedTokenLoader(files, batch_size, sequence_length, 0, world_size)", (VALIDATION,)),
+             "    loader = DistributedTokenLoader(files, batch_size, sequence_length, rank, world_size, order=order)",
+             "    loader = DistributedTokenLoader(files, batch_size, sequence_length, 0, world_size, order=order)",
+             (VALIDATION,)),
     Mutation("validation-sum-not-mean-over-ranks", "trainer/distributed.py", "        value /= env.world_size\n",
              "", (PARALLEL + "::test_every_parameter_matches_single_process[ddp-adamw]",)),
     # grad_norm
@@ -102,8 +104,8 @@ MUTATIONS = [
              "(norm.to_local() if isinstance(norm, DTensor) else norm) ** 2",
              (PARALLEL + "::test_every_parameter_matches_single_process[fsdp-dion]",)),
     # training end to end: a backward pass that reaches only the LM head
-    Mutation("model-backward-stops-at-head", "models/gpt/model.py", "logits = self.lm_head(x).float()",
-             "logits = self.lm_head(x.detach()).float()",
+    Mutation("model-backward-stops-at-head", "models/gpt/model.py", "logits = self.lm_head(hidden).float()",
+             "logits = self.lm_head(hidden.detach()).float()",
              ("tests/training/test_every_optimizer.py::test_optimizer_lowers_the_loss_in_train_py[adamw]",
               "tests/training/test_every_optimizer.py::test_optimizer_lowers_the_loss_in_train_py[dion]")),
     # every gradient in every layout
@@ -128,9 +130,8 @@ MUTATIONS = [
              (PARALLEL + "::test_every_parameter_matches_single_process[hsdp_2x2-dion]",)),
     # Cholesky QR
     Mutation("cqr-single-pass", "optimizers/dion/core.py",
-             "        if bool((usable | ~valid).all()):\n            # CholeskyQR2",
-             "        if bool((usable | ~valid).all()):\n"
-             "            return solve_right_upper(P, R), valid\n            # CholeskyQR2",
+             "        if ok:\n            # CholeskyQR2",
+             "        if ok:\n            return solve_right_upper(P, R), valid\n            # CholeskyQR2",
              ("tests/optimizers/test_cholesky_qr.py",)),
     Mutation("cqr2-without-near-identity-check", "optimizers/dion/core.py",
              "            usable &= gram_near_identity(G1)\n",
