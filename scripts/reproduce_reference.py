@@ -3,8 +3,8 @@
     python scripts/reproduce_reference.py --reference ~/src/dion              # dion and muon, 1 process and 2 ranks
     python scripts/reproduce_reference.py --reference ~/src/dion --optimizers muon --ranks 1 --steps 20
 
---reference is a checkout of https://github.com/microsoft/dion (the harness was written against 0a059a4). It is
-copied to a scratch directory and patched there for the CPU only (`CPU_PATCHES`: device, backend, autocast device,
+Needs this project installed (`pip install -e .`). --reference is a checkout of https://github.com/microsoft/dion
+(the harness was written against 0a059a4). It is copied to a scratch directory and patched there for the CPU only (`CPU_PATCHES`: device, backend, autocast device,
 no CUDA calls); nothing of it is imported into this project or written outside --out. Both runs get:
 
 - the same config: the reference's configs/<optimizer>_160m.yaml for its train.py, our
@@ -117,13 +117,14 @@ def init_weights(self):
 gpt_model.GPT.init_weights = init_weights
 
 import dion.dion as dion_module
+from optimizers.dion.linalg import initial_q  # ours: `pip install -e .` (our checkout on PYTHONPATH would shadow
+                                              # the reference's `models` namespace package)
 reference_q = dion_module.Dion._init_opt_state_dion
 def init_opt_state_dion(self, param, state, *args, **kwargs):
     reference_q(self, param, state, *args, **kwargs)
     index = [id(p) for group in self.param_groups for p in group["params"]].index(id(param))
-    generator = torch.Generator(device=param.device).manual_seed(index)  # = optimizers.dion.linalg.initial_q
-    q = torch.randn(tuple(state["Q"].shape), generator=generator, device=param.device, dtype=torch.float32)
-    state["Q"] = q.to(state["Q"].dtype)
+    rows, rank = state["Q"].shape
+    state["Q"] = initial_q(rows, rank, seed=index, device=param.device).to(state["Q"].dtype)
 dion_module.Dion._init_opt_state_dion = init_opt_state_dion
 
 sys.argv = ["train.py", *sys.argv[1:]]
