@@ -4,8 +4,8 @@
     python scripts/reproduce_reference.py --reference ~/src/dion --optimizers muon --ranks 1 --steps 20
 
 Needs this project installed (`pip install -e .`). --reference is a checkout of https://github.com/microsoft/dion
-(the harness was written against 0a059a4). It is copied to a scratch directory and patched there for the CPU only (`CPU_PATCHES`: device, backend, autocast device,
-no CUDA calls); nothing of it is imported into this project or written outside --out. Both runs get:
+(the harness was written against 0a059a4). It is copied to a scratch directory and patched there for the CPU only
+(`CPU_PATCHES`: device, backend, autocast device, no CUDA calls); nothing of it is imported into this project or written outside --out. Both runs get:
 
 - the same config: the reference's configs/<optimizer>_160m.yaml for its train.py, our
   configs/reference/<optimizer>_160m.yaml for ours, both at the same small shape (`SHAPE`, every other key as in the
@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     cut_shards(data_dir, args.shard_tokens)
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "HF_HUB_OFFLINE": "1", "HARNESS_AUTOCAST": args.autocast}
-    summary = dict(reference=str(args.reference), patches=applied, shape=SHAPE, config_changes=CPU_CONFIG_CHANGES, steps=args.steps,
-                   accumulation=args.accumulation, autocast=args.autocast,
+    summary = dict(reference=str(args.reference), patches=applied, shape=SHAPE, config_changes=CPU_CONFIG_CHANGES,
+                   steps=args.steps, accumulation=args.accumulation, autocast=args.autocast,
                    mirror_bf16_rounding=args.mirror_bf16_rounding, shard_tokens=args.shard_tokens, runs=[])
     for optimizer in args.optimizers:
         for ranks in args.ranks:
