@@ -5,7 +5,8 @@
 
 Needs this project installed (`pip install -e .`). --reference is a checkout of https://github.com/microsoft/dion
 (the harness was written against 0a059a4). It is copied to a scratch directory and patched there for the CPU only
-(`CPU_PATCHES`: device, backend, autocast device, no CUDA calls); nothing of it is imported into this project or written outside --out. Both runs get:
+(`CPU_PATCHES`: device, backend, autocast device, no CUDA calls); nothing of it is imported into this project or
+written outside --out. Both runs get:
 
 - the same config: the reference's configs/<optimizer>_160m.yaml for its train.py, our
   configs/reference/<optimizer>_160m.yaml for ours, both at the same small shape (`SHAPE`, every other key as in the
